@@ -1,0 +1,422 @@
+//! Every symbol the traced program sees. This file is the whole surface
+//! `libmtrace_rs.so` interposes; review it as one piece.
+//!
+//! Each allocation entry point has a hot path of one subtraction and one
+//! predictable branch (the per-thread byte countdown), and each free a hot
+//! path of one mask test on the pointer; everything else is in `#[cold]`
+//! functions. Semantics are glibc's: return values, errno, alignment,
+//! `malloc(0)`, `free(NULL)`, `realloc(NULL, n)`, `realloc(p, 0)` (frees p,
+//! returns NULL), and failed allocations (NULL, nothing recorded).
+
+use core::ffi::{c_char, c_int, c_void};
+use core::sync::atomic::Ordering::Relaxed;
+
+use crate::tracer::{self, Decision, Tls, FREE_MASK, TLS};
+use crate::{real, sampled, sys, writer};
+
+/// Charges `size` to the thread's countdown; true when no sample point was
+/// reached (the overwhelmingly common case).
+#[inline(always)]
+fn countdown_ok(size: usize) -> bool {
+    TLS.with(|t| {
+        let c = t.countdown.get().wrapping_sub(size as i64);
+        if c > 0 {
+            t.countdown.set(c);
+            true
+        } else {
+            false
+        }
+    })
+}
+
+/// In sampled mode a recorded block must be page-aligned so that its free is
+/// recognized from the address alone; exact mode records every free anyway.
+#[inline]
+fn align_for(d: Decision) -> bool {
+    d != Decision::Skip && !tracer::exact()
+}
+
+#[inline(always)]
+fn is_free_candidate(p: *mut c_void) -> bool {
+    (p as usize) & FREE_MASK.load(Relaxed) == 0
+}
+
+/// # Safety
+/// As C's `malloc`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {
+    if countdown_ok(size) {
+        // SAFETY: forwarding.
+        return unsafe { real::malloc(size) };
+    }
+    // SAFETY: forwarding.
+    unsafe { malloc_slow(size) }
+}
+
+#[cold]
+#[inline(never)]
+unsafe fn malloc_slow(size: usize) -> *mut c_void {
+    TLS.with(|t| {
+        let d = tracer::decide(t, size);
+        let p = if align_for(d) {
+            // SAFETY: a page alignment is valid for memalign.
+            unsafe { real::memalign(sampled::ALIGN, size) }
+        } else {
+            // SAFETY: forwarding.
+            unsafe { real::malloc(size) }
+        };
+        if d != Decision::Skip && !p.is_null() {
+            tracer::record_alloc(t, p, size, d);
+        }
+        p
+    })
+}
+
+/// # Safety
+/// As C's `calloc`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
+    let Some(total) = n.checked_mul(size) else {
+        // SAFETY: the real calloc reports the overflow (NULL, ENOMEM).
+        return unsafe { real::calloc(n, size) };
+    };
+    if countdown_ok(total) {
+        // SAFETY: forwarding.
+        return unsafe { real::calloc(n, size) };
+    }
+    // SAFETY: forwarding.
+    unsafe { calloc_slow(n, size, total) }
+}
+
+#[cold]
+#[inline(never)]
+unsafe fn calloc_slow(n: usize, size: usize, total: usize) -> *mut c_void {
+    TLS.with(|t| {
+        let d = tracer::decide(t, total);
+        let p = if align_for(d) {
+            // SAFETY: page alignment is valid; on success the block has
+            // `total` writable bytes, which calloc must zero.
+            unsafe {
+                let p = real::memalign(sampled::ALIGN, total);
+                if !p.is_null() {
+                    core::ptr::write_bytes(p as *mut u8, 0, total);
+                }
+                p
+            }
+        } else {
+            // SAFETY: forwarding.
+            unsafe { real::calloc(n, size) }
+        };
+        if d != Decision::Skip && !p.is_null() {
+            tracer::record_alloc(t, p, total, d);
+        }
+        p
+    })
+}
+
+/// # Safety
+/// As C's `free`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn free(p: *mut c_void) {
+    if !is_free_candidate(p) {
+        // SAFETY: forwarding.
+        return unsafe { real::free(p) };
+    }
+    // SAFETY: forwarding.
+    unsafe { free_slow(p) }
+}
+
+#[cold]
+#[inline(never)]
+unsafe fn free_slow(p: *mut c_void) {
+    TLS.with(|t| {
+        if tracer::free_is_recorded(t, p) {
+            tracer::record_free(t, p, sys::now_ns());
+        }
+    });
+    // SAFETY: forwarding.
+    unsafe { real::free(p) }
+}
+
+/// # Safety
+/// As C's `realloc`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
+    if p.is_null() {
+        // SAFETY: realloc(NULL, n) is malloc(n).
+        return unsafe { malloc(size) };
+    }
+    if !is_free_candidate(p) && size != 0 && countdown_ok(size) {
+        // SAFETY: forwarding.
+        return unsafe { real::realloc(p, size) };
+    }
+    // SAFETY: forwarding.
+    unsafe { realloc_slow(p, size) }
+}
+
+#[cold]
+#[inline(never)]
+unsafe fn realloc_slow(p: *mut c_void, size: usize) -> *mut c_void {
+    TLS.with(|t| {
+        if size == 0 {
+            // glibc frees p and returns NULL.
+            let rec = tracer::free_is_recorded(t, p);
+            let ts = sys::now_ns();
+            // SAFETY: forwarding.
+            let q = unsafe { real::realloc(p, 0) };
+            if rec {
+                tracer::record_free(t, p, ts);
+            }
+            return q;
+        }
+        if !tracer::running() || t.guard.get() {
+            // SAFETY: forwarding.
+            return unsafe { real::realloc(p, size) };
+        }
+        if tracer::exact() {
+            let ts = sys::now_ns();
+            // SAFETY: forwarding.
+            let q = unsafe { real::realloc(p, size) };
+            if !q.is_null() {
+                tracer::record_free(t, p, ts);
+                tracer::record_alloc(t, q, size, Decision::Exact);
+            }
+            return q;
+        }
+        // SAFETY: the sampled paths below keep p valid until it is replaced.
+        unsafe { realloc_sampled(t, p, size) }
+    })
+}
+
+/// Sampled-mode realloc: a recorded block must move to a page-aligned one,
+/// and a sampled old block must leave the sampled set before the allocator
+/// can hand its address to anyone else.
+unsafe fn realloc_sampled(t: &Tls, p: *mut c_void, size: usize) -> *mut c_void {
+    let old_sampled = (p as usize) & (sampled::ALIGN - 1) == 0 && sampled::contains(p as u64);
+    let d = tracer::decide(t, size);
+    if d == Decision::Skip {
+        if !old_sampled {
+            // SAFETY: forwarding.
+            return unsafe { real::realloc(p, size) };
+        }
+        sampled::remove(p as u64);
+        let ts = sys::now_ns();
+        // SAFETY: forwarding.
+        let q = unsafe { real::realloc(p, size) };
+        if q.is_null() {
+            // p is still live and still sampled.
+            sampled::insert(p as u64);
+        } else {
+            tracer::record_free(t, p, ts);
+        }
+        return q;
+    }
+    // SAFETY: page alignment is valid for memalign.
+    let q = unsafe { real::memalign(sampled::ALIGN, size) };
+    if q.is_null() {
+        sys::set_errno(libc::ENOMEM);
+        return q;
+    }
+    // SAFETY: p is a live block of at least `usable` bytes and q one of at
+    // least `size`; they do not overlap.
+    unsafe {
+        let usable = real::malloc_usable_size(p);
+        core::ptr::copy_nonoverlapping(p as *const u8, q as *mut u8, usable.min(size));
+    }
+    if old_sampled {
+        sampled::remove(p as u64);
+        tracer::record_free(t, p, sys::now_ns());
+    }
+    // SAFETY: p was live and is no longer referenced.
+    unsafe { real::free(p) };
+    tracer::record_alloc(t, q, size, d);
+    q
+}
+
+/// # Safety
+/// As C's `reallocarray`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn reallocarray(p: *mut c_void, n: usize, size: usize) -> *mut c_void {
+    match n.checked_mul(size) {
+        // SAFETY: as realloc.
+        Some(total) => unsafe { realloc(p, total) },
+        None => {
+            sys::set_errno(libc::ENOMEM);
+            core::ptr::null_mut()
+        }
+    }
+}
+
+/// Shared slow path of the aligned allocators. `valid` says whether the
+/// alignment is one the real function accepts as-is, so that raising it to a
+/// page cannot change the result; an invalid one is forwarded untouched for
+/// the real function to reject.
+#[cold]
+#[inline(never)]
+fn aligned_slow(
+    size: usize,
+    align: usize,
+    valid: bool,
+    mut alloc: impl FnMut(usize) -> *mut c_void,
+) -> *mut c_void {
+    TLS.with(|t| {
+        if !valid {
+            return alloc(align);
+        }
+        let d = tracer::decide(t, size);
+        let p = if align_for(d) { alloc(align.max(sampled::ALIGN)) } else { alloc(align) };
+        if d != Decision::Skip && !p.is_null() {
+            tracer::record_alloc(t, p, size, d);
+        }
+        p
+    })
+}
+
+/// # Safety
+/// As C's `posix_memalign`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> c_int {
+    if countdown_ok(size) {
+        // SAFETY: forwarding.
+        return unsafe { real::posix_memalign(out, align, size) };
+    }
+    let valid = align.is_power_of_two() && align % core::mem::size_of::<usize>() == 0;
+    let mut rc = 0;
+    let p = aligned_slow(size, align, valid, |a| {
+        let mut p = core::ptr::null_mut();
+        // SAFETY: forwarding, into a local.
+        rc = unsafe { real::posix_memalign(&mut p, a, size) };
+        if rc == 0 {
+            p
+        } else {
+            core::ptr::null_mut()
+        }
+    });
+    if rc == 0 {
+        // SAFETY: on success posix_memalign stores through `out`, which the
+        // caller passed for that purpose.
+        unsafe { *out = p };
+    }
+    rc
+}
+
+/// # Safety
+/// As C's `aligned_alloc`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
+    if countdown_ok(size) {
+        // SAFETY: forwarding.
+        return unsafe { real::aligned_alloc(align, size) };
+    }
+    // SAFETY: forwarding.
+    aligned_slow(size, align, align.is_power_of_two(), |a| unsafe { real::aligned_alloc(a, size) })
+}
+
+/// # Safety
+/// As glibc's `memalign`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
+    if countdown_ok(size) {
+        // SAFETY: forwarding.
+        return unsafe { real::memalign(align, size) };
+    }
+    // SAFETY: forwarding.
+    aligned_slow(size, align, align.is_power_of_two(), |a| unsafe { real::memalign(a, size) })
+}
+
+/// # Safety
+/// As glibc's `valloc`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn valloc(size: usize) -> *mut c_void {
+    if countdown_ok(size) {
+        // SAFETY: forwarding.
+        return unsafe { real::valloc(size) };
+    }
+    // valloc's blocks are page-aligned already.
+    // SAFETY: forwarding.
+    aligned_slow(size, sampled::ALIGN, true, |_| unsafe { real::valloc(size) })
+}
+
+/// # Safety
+/// As glibc's `pvalloc`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn pvalloc(size: usize) -> *mut c_void {
+    if countdown_ok(size) {
+        // SAFETY: forwarding.
+        return unsafe { real::pvalloc(size) };
+    }
+    // SAFETY: forwarding.
+    aligned_slow(size, sampled::ALIGN, true, |_| unsafe { real::pvalloc(size) })
+}
+
+/// # Safety
+/// As glibc's `malloc_usable_size`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
+    // SAFETY: forwarding.
+    unsafe { real::malloc_usable_size(p) }
+}
+
+// ---------------------------------------------------------------------------
+// Process events: the image is about to be replaced or to vanish, so what the
+// writer has not copied yet is written now.
+
+/// # Safety
+/// As C's `execve`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn execve(
+    path: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    writer::before_exec();
+    // SAFETY: forwarding.
+    unsafe { real::execve(path, argv, envp) }
+}
+
+/// # Safety
+/// As C's `execv`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn execv(path: *const c_char, argv: *const *const c_char) -> c_int {
+    writer::before_exec();
+    // SAFETY: forwarding.
+    unsafe { real::execv(path, argv) }
+}
+
+/// # Safety
+/// As C's `execvp`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn execvp(file: *const c_char, argv: *const *const c_char) -> c_int {
+    writer::before_exec();
+    // SAFETY: forwarding.
+    unsafe { real::execvp(file, argv) }
+}
+
+/// # Safety
+/// As glibc's `execvpe`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn execvpe(
+    file: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    writer::before_exec();
+    // SAFETY: forwarding.
+    unsafe { real::execvpe(file, argv, envp) }
+}
+
+/// `_exit` skips atexit handlers and library destructors, so the tracer
+/// finishes the file here (forked children of test runners end this way).
+///
+/// # Safety
+/// As C's `_exit`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn _exit(status: c_int) -> ! {
+    writer::finish();
+    // SAFETY: exit_group ends the process; it does not return.
+    unsafe {
+        libc::syscall(libc::SYS_exit_group, status);
+    }
+    #[allow(clippy::empty_loop)]
+    loop {}
+}

@@ -1,0 +1,300 @@
+//! Configuration from `MTRACE_RS_*` environment variables, read once in the
+//! library constructor without allocating.
+//!
+//! A bad value is reported on stderr in one line and disables tracing: the
+//! program runs on untraced rather than traced in a way the user did not ask
+//! for. Unknown `MTRACE_RS_*` names are reported too (a typo would otherwise
+//! silently trace with defaults), but do not disable tracing.
+
+use crate::sys::{cstr_bytes, warn, StackBuf};
+
+/// Longest output path template we accept.
+pub const MAX_PATH: usize = 1024;
+/// Deepest stack we capture; it bounds the per-call stack buffer.
+pub const MAX_DEPTH: usize = 256;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unwind {
+    /// DWARF call frame information through libgcc's unwinder: right for any
+    /// code that has unwind tables.
+    Dwarf,
+    /// Frame-pointer chain: fast, right only where every frame keeps frame
+    /// pointers.
+    FramePointers,
+}
+
+#[derive(Clone, Copy)]
+pub struct Config {
+    /// Output path template (`%p` = pid, `%%` = `%`), NUL-free.
+    pub out: [u8; MAX_PATH],
+    pub out_len: usize,
+    /// Mean bytes between samples; 1 = exact mode.
+    pub sample_bytes: u64,
+    pub depth: usize,
+    pub seed: Option<u64>,
+    /// How often the writer thread drains the rings.
+    pub flush_ms: u64,
+    /// How often the writer records RSS and allocator statistics; 0 = never.
+    pub stats_ms: u64,
+    pub unwind: Unwind,
+}
+
+pub const DEFAULT_SAMPLE_BYTES: u64 = 512 * 1024;
+
+impl Config {
+    pub const fn default() -> Config {
+        let mut out = [0u8; MAX_PATH];
+        let d = b"mtrace-rs.%p.bin";
+        let mut i = 0;
+        while i < d.len() {
+            out[i] = d[i];
+            i += 1;
+        }
+        Config {
+            out,
+            out_len: d.len(),
+            sample_bytes: DEFAULT_SAMPLE_BYTES,
+            depth: 64,
+            seed: None,
+            flush_ms: 10,
+            stats_ms: 100,
+            unwind: Unwind::Dwarf,
+        }
+    }
+
+    pub fn exact(&self) -> bool {
+        self.sample_bytes == 1
+    }
+
+    /// Reads the environment. `None` means a value was bad (already reported)
+    /// and tracing must stay off.
+    pub fn from_env() -> Option<Config> {
+        let mut c = Config::default();
+        let mut ok = true;
+        if let Some(v) = getenv(b"MTRACE_RS_OUT\0") {
+            if v.is_empty() || v.len() >= MAX_PATH {
+                bad(b"MTRACE_RS_OUT", v, b"expected a path template of 1 to 1023 bytes");
+                ok = false;
+            } else {
+                c.out[..v.len()].copy_from_slice(v);
+                c.out_len = v.len();
+            }
+        }
+        if let Some(v) = getenv(b"MTRACE_RS_SAMPLE_BYTES\0") {
+            match parse_bytes(v) {
+                Some(n) if n >= 1 => c.sample_bytes = n,
+                _ => {
+                    bad(
+                        b"MTRACE_RS_SAMPLE_BYTES",
+                        v,
+                        b"expected a positive number of bytes such as 524288 or 512k (1 = record every allocation)",
+                    );
+                    ok = false;
+                }
+            }
+        }
+        if let Some(v) = getenv(b"MTRACE_RS_DEPTH\0") {
+            match parse_u64(v) {
+                Some(n) if (1..=MAX_DEPTH as u64).contains(&n) => c.depth = n as usize,
+                _ => {
+                    bad(b"MTRACE_RS_DEPTH", v, b"expected a number of frames from 1 to 256");
+                    ok = false;
+                }
+            }
+        }
+        if let Some(v) = getenv(b"MTRACE_RS_SEED\0") {
+            match parse_u64(v) {
+                Some(n) => c.seed = Some(n),
+                None => {
+                    bad(b"MTRACE_RS_SEED", v, b"expected an unsigned integer");
+                    ok = false;
+                }
+            }
+        }
+        if let Some(v) = getenv(b"MTRACE_RS_FLUSH_MS\0") {
+            match parse_u64(v) {
+                Some(n) if (1..=1000).contains(&n) => c.flush_ms = n,
+                _ => {
+                    bad(b"MTRACE_RS_FLUSH_MS", v, b"expected milliseconds from 1 to 1000");
+                    ok = false;
+                }
+            }
+        }
+        if let Some(v) = getenv(b"MTRACE_RS_STATS_MS\0") {
+            match parse_u64(v) {
+                Some(n) if n <= 3_600_000 => c.stats_ms = n,
+                _ => {
+                    bad(b"MTRACE_RS_STATS_MS", v, b"expected milliseconds (0 = off)");
+                    ok = false;
+                }
+            }
+        }
+        if let Some(v) = getenv(b"MTRACE_RS_UNWIND\0") {
+            match v {
+                b"dwarf" => c.unwind = Unwind::Dwarf,
+                b"fp" => c.unwind = Unwind::FramePointers,
+                _ => {
+                    bad(b"MTRACE_RS_UNWIND", v, b"expected dwarf or fp");
+                    ok = false;
+                }
+            }
+        }
+        warn_unknown();
+        ok.then_some(c)
+    }
+}
+
+/// Every variable we read, for the typo check.
+const KNOWN: [&[u8]; 8] = [
+    b"MTRACE_RS_OUT",
+    b"MTRACE_RS_SAMPLE_BYTES",
+    b"MTRACE_RS_DEPTH",
+    b"MTRACE_RS_SEED",
+    b"MTRACE_RS_FLUSH_MS",
+    b"MTRACE_RS_STATS_MS",
+    b"MTRACE_RS_UNWIND",
+    // Read by `mtrace-analyze run`, not by the library.
+    b"MTRACE_RS_LIB",
+];
+
+fn warn_unknown() {
+    extern "C" {
+        static environ: *const *const libc::c_char;
+    }
+    // SAFETY: environ is a NULL-terminated array of NUL-terminated strings;
+    // we only read it, in the constructor, before the program's main runs.
+    unsafe {
+        let mut p = environ;
+        if p.is_null() {
+            return;
+        }
+        while !(*p).is_null() {
+            let entry = cstr_bytes(*p);
+            p = p.add(1);
+            if !entry.starts_with(b"MTRACE_RS_") {
+                continue;
+            }
+            let name = match entry.iter().position(|&b| b == b'=') {
+                Some(i) => &entry[..i],
+                None => entry,
+            };
+            if !KNOWN.contains(&name) {
+                warn(&[b"unknown variable ", name, b" ignored (see README.md for the MTRACE_RS_* variables)"]);
+            }
+        }
+    }
+}
+
+fn bad(name: &[u8], value: &[u8], expected: &[u8]) {
+    warn(&[name, b"=", value, b": ", expected, b"; tracing disabled"]);
+}
+
+fn getenv(name_nul: &[u8]) -> Option<&'static [u8]> {
+    // SAFETY: `name_nul` is NUL-terminated; getenv returns a pointer into the
+    // environment or NULL.
+    unsafe {
+        let p = libc::getenv(name_nul.as_ptr() as *const libc::c_char);
+        if p.is_null() {
+            None
+        } else {
+            Some(cstr_bytes(p))
+        }
+    }
+}
+
+pub fn parse_u64(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 20 {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for &b in v {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add((b - b'0') as u64)?;
+    }
+    Some(n)
+}
+
+/// A byte count with an optional k/m/g suffix (powers of 1024).
+pub fn parse_bytes(v: &[u8]) -> Option<u64> {
+    let (digits, mult) = match v.last()? {
+        b'k' | b'K' => (&v[..v.len() - 1], 1u64 << 10),
+        b'm' | b'M' => (&v[..v.len() - 1], 1 << 20),
+        b'g' | b'G' => (&v[..v.len() - 1], 1 << 30),
+        _ => (v, 1),
+    };
+    parse_u64(digits)?.checked_mul(mult)
+}
+
+/// Expands the output template for `pid`: `%p` becomes the pid, `%%` a
+/// percent sign; `attempt` > 0 adds `.N` before a `.bin` suffix (or at the
+/// end), so an exec'd program never overwrites the file of the image that
+/// exec'd it (same pid).
+pub fn expand_out(c: &Config, pid: u32, attempt: u32, out: &mut StackBuf<{ MAX_PATH + 32 }>) {
+    let t = &c.out[..c.out_len];
+    let (stem, ext): (&[u8], &[u8]) = if attempt > 0 && t.ends_with(b".bin") {
+        (&t[..t.len() - 4], b".bin")
+    } else {
+        (t, b"")
+    };
+    let mut i = 0;
+    while i < stem.len() {
+        if stem[i] == b'%' && i + 1 < stem.len() {
+            match stem[i + 1] {
+                b'p' => {
+                    out.push_u64(pid as u64);
+                    i += 2;
+                    continue;
+                }
+                b'%' => {
+                    out.push(b"%");
+                    i += 2;
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        out.push(&stem[i..i + 1]);
+        i += 1;
+    }
+    if attempt > 0 {
+        out.push(b".").push_u64(attempt as u64);
+    }
+    out.push(ext);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_counts_take_suffixes() {
+        assert_eq!(parse_bytes(b"1"), Some(1));
+        assert_eq!(parse_bytes(b"512k"), Some(524288));
+        assert_eq!(parse_bytes(b"2M"), Some(2 << 20));
+        assert_eq!(parse_bytes(b"banana"), None);
+        assert_eq!(parse_bytes(b""), None);
+        assert_eq!(parse_bytes(b"99999999999999999999g"), None);
+    }
+
+    #[test]
+    fn templates_expand_pid_and_attempts() {
+        let mut c = Config::default();
+        let t = b"/tmp/app.%p.bin";
+        c.out[..t.len()].copy_from_slice(t);
+        c.out_len = t.len();
+        let mut b = StackBuf::new();
+        expand_out(&c, 42, 0, &mut b);
+        assert_eq!(b.as_bytes(), b"/tmp/app.42.bin");
+        let mut b = StackBuf::new();
+        expand_out(&c, 42, 2, &mut b);
+        assert_eq!(b.as_bytes(), b"/tmp/app.42.2.bin");
+        let t = b"x%%y%q";
+        c.out[..t.len()].copy_from_slice(t);
+        c.out_len = t.len();
+        let mut b = StackBuf::new();
+        expand_out(&c, 7, 1, &mut b);
+        assert_eq!(b.as_bytes(), b"x%y%q.1");
+    }
+}

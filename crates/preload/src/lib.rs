@@ -1,0 +1,120 @@
+//! `libmtrace_rs.so`: an allocation tracer loaded with `LD_PRELOAD`.
+//!
+//! Read `api.rs` first: it is every symbol the traced program sees. Behind
+//! it, `tracer.rs` decides what to record (per-thread Poisson sampling by
+//! bytes, or everything in exact mode), `stacks.rs` captures and interns
+//! call stacks, `ring.rs` carries events to the writer thread without locks,
+//! and `writer.rs` appends them to the mmap'd trace file defined by the
+//! `mtrace-format` crate. `real.rs` reaches the real allocator, `sys.rs` is the
+//! thin system-call layer, `config.rs` reads `MTRACE_RS_*`.
+//!
+//! Invariant: nothing reachable from an exported allocation hook allocates,
+//! takes a blocking lock, or panics; tracing fails open (on any internal
+//! error the program runs on untraced and the reason goes to stderr once).
+
+pub mod api;
+pub mod config;
+pub mod real;
+pub mod ring;
+pub mod sampled;
+pub mod stacks;
+pub mod sys;
+pub mod tracer;
+pub mod writer;
+
+pub use api::{
+    _exit, aligned_alloc, calloc, execv, execve, execvp, execvpe, free, malloc, malloc_usable_size,
+    memalign, posix_memalign, pvalloc, realloc, reallocarray, valloc,
+};
+
+use core::sync::atomic::{AtomicUsize, Ordering::*};
+
+use config::Config;
+
+/// The configuration, kept for fork children (which open their own file).
+static mut CONFIG: Config = Config::default();
+
+extern "C" {
+    fn pthread_atfork(
+        prepare: Option<extern "C" fn()>,
+        parent: Option<extern "C" fn()>,
+        child: Option<extern "C" fn()>,
+    ) -> libc::c_int;
+}
+
+/// Runs from `.init_array` when the library is loaded, before `main`.
+extern "C" fn init() {
+    real::init();
+    tracer::with_internal(|| {
+        let Some(cfg) = Config::from_env() else {
+            tracer::STATE.store(tracer::FINISHED, Release);
+            return;
+        };
+        // SAFETY: written once here, before any thread of ours exists; read
+        // only by the fork-child handler afterwards.
+        unsafe { CONFIG = cfg };
+        set_self_range();
+        if !stacks::init() || (!cfg.exact() && !sampled::init()) {
+            sys::warn(&[b"cannot reserve memory for the tracer's tables; tracing disabled"]);
+            tracer::STATE.store(tracer::FINISHED, Release);
+            return;
+        }
+        tracer::configure(cfg.sample_bytes, cfg.depth, cfg.seed, cfg.unwind);
+        tracer::init_exit_key();
+        tracer::start();
+        if !writer::start(&cfg, sys::getppid(), false) {
+            tracer::STATE.store(tracer::FINISHED, Release);
+            return;
+        }
+        // SAFETY: registering plain functions with no arguments.
+        unsafe { pthread_atfork(Some(writer::fork_prepare), Some(writer::fork_parent), Some(fork_child)) };
+    });
+}
+
+extern "C" fn fork_child() {
+    // SAFETY: CONFIG is not written after init.
+    let cfg = unsafe { *core::ptr::addr_of!(CONFIG) };
+    writer::fork_child(&cfg);
+}
+
+/// Runs from `.fini_array` at normal exit, after the program's own exit
+/// handlers and destructors.
+extern "C" fn fini() {
+    writer::finish();
+}
+
+#[used]
+#[link_section = ".init_array"]
+static INIT: extern "C" fn() = init;
+
+#[used]
+#[link_section = ".fini_array"]
+static FINI: extern "C" fn() = fini;
+
+/// Finds this library's mapped range, so that stacks can drop its frames.
+fn set_self_range() {
+    static LO: AtomicUsize = AtomicUsize::new(0);
+    let me = set_self_range as *const () as usize;
+    unsafe extern "C" fn cb(info: *mut libc::dl_phdr_info, _: usize, data: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: valid for the call; `data` is the target address.
+        let (info, me) = unsafe { (&*info, *(data as *const usize)) };
+        let (mut lo, mut hi) = (usize::MAX, 0usize);
+        for i in 0..info.dlpi_phnum as usize {
+            // SAFETY: dlpi_phdr has dlpi_phnum entries.
+            let ph = unsafe { &*info.dlpi_phdr.add(i) };
+            if ph.p_type == libc::PT_LOAD {
+                let s = (info.dlpi_addr + ph.p_vaddr) as usize;
+                lo = lo.min(s);
+                hi = hi.max(s + ph.p_memsz as usize);
+            }
+        }
+        if me >= lo && me < hi {
+            stacks::set_self_range(lo, hi);
+            LO.store(lo, Relaxed);
+            return 1;
+        }
+        0
+    }
+    // SAFETY: the callback only reads the headers it is given.
+    unsafe { libc::dl_iterate_phdr(Some(cb), &me as *const usize as *mut libc::c_void) };
+}

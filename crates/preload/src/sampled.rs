@@ -1,0 +1,123 @@
+//! The set of live sampled blocks, for sampled mode.
+//!
+//! A free must tell a sampled block from the millions of unsampled ones
+//! without a shared lookup. Sampled blocks are therefore allocated page-
+//! aligned (as jemalloc does for its sampled objects): glibc never returns a
+//! page-aligned pointer for an ordinary `malloc` (chunks are 16-byte aligned
+//! behind a header, mmap'd chunks start 16 bytes into their page), so `free`
+//! looks at this set only for the rare page-aligned pointer, and ordinary
+//! frees touch nothing shared.
+//!
+//! The set is a lock-free open-addressing hash set of addresses in one
+//! anonymous mapping: insert claims an empty or tombstone slot by CAS,
+//! remove swaps the address for a tombstone. An address is unique while its
+//! block is live, and it is inserted before the block is handed to the
+//! program and removed before the block is given back to the allocator, so
+//! no two live entries ever hold the same address.
+
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
+
+use crate::sys;
+
+const BITS: u32 = 20;
+const SLOTS: usize = 1 << BITS;
+const MAX_PROBES: usize = 4096;
+const EMPTY: u64 = 0;
+const TOMB: u64 = 1;
+
+/// Sampled blocks are aligned to this.
+pub const ALIGN: usize = 4096;
+
+static SET: AtomicUsize = AtomicUsize::new(0);
+
+pub fn init() -> bool {
+    let p = sys::map_anon(SLOTS * 8);
+    if p.is_null() {
+        return false;
+    }
+    SET.store(p as usize, Release);
+    true
+}
+
+#[inline]
+fn slot(i: usize) -> Option<&'static AtomicU64> {
+    let base = SET.load(Acquire);
+    if base == 0 {
+        return None;
+    }
+    // SAFETY: the mapping holds SLOTS atomics and is never unmapped; `i` is
+    // masked by the callers.
+    Some(unsafe { &*(base as *const AtomicU64).add(i & (SLOTS - 1)) })
+}
+
+#[inline]
+fn start(addr: u64) -> usize {
+    ((addr >> 12).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - BITS)) as usize
+}
+
+/// Adds a live sampled block. False when the set is full.
+pub fn insert(addr: u64) -> bool {
+    let s = start(addr);
+    for k in 0..MAX_PROBES {
+        let Some(sl) = slot(s + k) else { return false };
+        let v = sl.load(Relaxed);
+        if (v == EMPTY || v == TOMB) && sl.compare_exchange(v, addr, AcqRel, Relaxed).is_ok() {
+            return true;
+        }
+    }
+    false
+}
+
+/// Removes `addr` if it is a live sampled block; true if it was.
+pub fn remove(addr: u64) -> bool {
+    let s = start(addr);
+    for k in 0..MAX_PROBES {
+        let Some(sl) = slot(s + k) else { return false };
+        let v = sl.load(Acquire);
+        if v == EMPTY {
+            return false;
+        }
+        if v == addr {
+            return sl.compare_exchange(addr, TOMB, AcqRel, Relaxed).is_ok();
+        }
+    }
+    false
+}
+
+/// True if `addr` is a live sampled block.
+pub fn contains(addr: u64) -> bool {
+    let s = start(addr);
+    for k in 0..MAX_PROBES {
+        let Some(sl) = slot(s + k) else { return false };
+        let v = sl.load(Acquire);
+        if v == EMPTY {
+            return false;
+        }
+        if v == addr {
+            return true;
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insert_find_remove() {
+        assert!(init());
+        let a = 0x7f00_0000_1000u64;
+        assert!(!contains(a));
+        assert!(insert(a));
+        assert!(contains(a));
+        assert!(insert(a + 4096));
+        assert!(remove(a));
+        assert!(!contains(a));
+        assert!(!remove(a));
+        assert!(contains(a + 4096));
+        // The tombstone is reused.
+        assert!(insert(a));
+        assert!(contains(a));
+    }
+}

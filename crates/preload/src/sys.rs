@@ -1,0 +1,192 @@
+//! The thin system layer: raw syscalls and libc calls that the tracer uses
+//! from inside allocation hooks.
+//!
+//! Contract: nothing here allocates, takes a lock, or panics, and every
+//! function is safe to call from any thread at any time after libc has
+//! relocated. Errors come back as return values; callers decide what failure
+//! means.
+
+use core::ffi::c_void;
+
+/// Nanoseconds on CLOCK_MONOTONIC (the vDSO makes this a few tens of
+/// nanoseconds, without a system call).
+#[inline]
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Nanoseconds since the Unix epoch.
+pub fn realtime_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: as in `now_ns`.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+pub fn getpid() -> u32 {
+    // SAFETY: getpid has no preconditions.
+    unsafe { libc::getpid() as u32 }
+}
+
+pub fn getppid() -> u32 {
+    // SAFETY: getppid has no preconditions.
+    unsafe { libc::getppid() as u32 }
+}
+
+pub fn gettid() -> u32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::syscall(libc::SYS_gettid) as u32 }
+}
+
+/// Anonymous private memory, zeroed, not backed by swap reservations: pages
+/// cost nothing until touched. Null on failure.
+pub fn map_anon(len: usize) -> *mut u8 {
+    // SAFETY: an anonymous mapping at an address of the kernel's choosing
+    // touches no existing memory.
+    let p = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        core::ptr::null_mut()
+    } else {
+        p as *mut u8
+    }
+}
+
+/// The calling thread's errno.
+#[inline]
+pub fn errno() -> i32 {
+    // SAFETY: __errno_location always returns the calling thread's errno slot.
+    unsafe { *libc::__errno_location() }
+}
+
+#[inline]
+pub fn set_errno(v: i32) {
+    // SAFETY: as in `errno`.
+    unsafe { *libc::__errno_location() = v };
+}
+
+/// Writes all of `bytes` to `fd`, retrying on EINTR and short writes.
+pub fn write_all(fd: i32, mut bytes: &[u8]) -> bool {
+    while !bytes.is_empty() {
+        // SAFETY: the pointer and length describe a live slice.
+        let n = unsafe { libc::write(fd, bytes.as_ptr() as *const c_void, bytes.len()) };
+        if n < 0 {
+            if errno() == libc::EINTR {
+                continue;
+            }
+            return false;
+        }
+        bytes = &bytes[n as usize..];
+    }
+    true
+}
+
+/// A fixed-capacity byte buffer on the stack, for building messages and paths
+/// without allocating. Bytes past the capacity are silently cut.
+pub struct StackBuf<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> StackBuf<N> {
+    pub const fn new() -> Self {
+        StackBuf { buf: [0; N], len: 0 }
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) -> &mut Self {
+        let room = N - self.len;
+        let n = bytes.len().min(room);
+        self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+        self.len += n;
+        self
+    }
+
+    pub fn push_u64(&mut self, mut v: u64) -> &mut Self {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        self.push(&digits[i..])
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when something was cut because the buffer was full (one byte is
+    /// kept free for a NUL terminator).
+    pub fn full(&self) -> bool {
+        self.len >= N - 1
+    }
+
+    /// The contents as a NUL-terminated C string pointer (the last byte is
+    /// overwritten if the buffer is full).
+    pub fn as_cstr(&mut self) -> *const libc::c_char {
+        let end = self.len.min(N - 1);
+        self.buf[end] = 0;
+        self.buf.as_ptr() as *const libc::c_char
+    }
+}
+
+impl<const N: usize> Default for StackBuf<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One line to stderr, prefixed with "mtrace-rs: ", without allocating.
+pub fn warn(parts: &[&[u8]]) {
+    let mut line = StackBuf::<1024>::new();
+    line.push(b"mtrace-rs: ");
+    for p in parts {
+        line.push(p);
+    }
+    line.push(b"\n");
+    write_all(2, line.as_bytes());
+}
+
+/// Length of a NUL-terminated C string.
+///
+/// # Safety
+/// `s` must point to a NUL-terminated string.
+pub unsafe fn cstr_bytes<'a>(s: *const libc::c_char) -> &'a [u8] {
+    if s.is_null() {
+        return &[];
+    }
+    // SAFETY: the caller promises a NUL-terminated string.
+    unsafe { core::slice::from_raw_parts(s as *const u8, libc::strlen(s)) }
+}
+
+/// Sleeps for `ms` milliseconds (the writer's pace).
+pub fn sleep_ms(ms: u64) {
+    let ts = libc::timespec { tv_sec: (ms / 1000) as i64, tv_nsec: ((ms % 1000) * 1_000_000) as i64 };
+    // SAFETY: `ts` is valid; a null remainder pointer is allowed.
+    unsafe { libc::nanosleep(&ts, core::ptr::null_mut()) };
+}
+
+/// Gives up the CPU once (used while waiting for the writer to make room).
+pub fn yield_now() {
+    // SAFETY: sched_yield has no preconditions.
+    unsafe { libc::sched_yield() };
+}

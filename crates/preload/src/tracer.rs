@@ -1,0 +1,409 @@
+//! The tracer's logic behind the hooks: per-thread state, the sampling
+//! decision, and turning an allocation or free into an event.
+//!
+//! Hot path (in `api.rs`): subtract the size from the thread's byte
+//! countdown and branch. Everything here is the slow path, entered when the
+//! countdown runs out, for a page-aligned free in sampled mode, or always in
+//! exact mode.
+//!
+//! Sampling follows jemalloc (`src/prof.c`, `prof_sample_new_event_wait`):
+//! the bytes a thread allocates form a Poisson process with mean distance
+//! `rate` between sample points; a block that contains a sample point is
+//! recorded. The countdown holds the bytes to the next point, drawn from the
+//! exponential distribution. A block of `size` bytes is then recorded with
+//! probability `p = 1 - exp(-size / rate)`, independently of every other
+//! block, and the analyzer's estimate `size / p` per recorded block is
+//! unbiased (Horvitz–Thompson). Blocks of at least `rate` bytes are recorded
+//! always, with weight 1, and do not move the countdown, so small blocks
+//! still form the same Poisson process.
+//!
+//! Invariant: nothing here allocates, blocks, or panics. A hook that runs
+//! while this thread is already inside the tracer (a signal handler that
+//! allocates, an unwinder that allocates) is forwarded untraced and counted.
+
+use core::cell::Cell;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::*};
+
+use mtrace_format::DropReason;
+
+use crate::config::{Unwind, MAX_DEPTH};
+use crate::ring::{self, Event, Ring};
+use crate::{sampled, stacks, sys};
+
+/// Tracing has not started (or is disabled): hooks only forward.
+pub const OFF: u8 = 0;
+pub const RUNNING: u8 = 1;
+/// The final flush ran; later events cannot reach the file.
+pub const FINISHED: u8 = 2;
+
+pub static STATE: AtomicU8 = AtomicU8::new(OFF);
+/// `free(p)` takes the slow path when `p & FREE_MASK == 0`: all ones before
+/// tracing runs (only NULL), page bits in sampled mode, zero in exact mode.
+pub static FREE_MASK: AtomicUsize = AtomicUsize::new(usize::MAX);
+static RATE: AtomicU64 = AtomicU64::new(1);
+static EXACT: AtomicBool = AtomicBool::new(false);
+static DEPTH: AtomicUsize = AtomicUsize::new(64);
+static SEED: AtomicU64 = AtomicU64::new(0);
+static SEEDED: AtomicBool = AtomicBool::new(false);
+static FP_UNWIND: AtomicBool = AtomicBool::new(false);
+static THREAD_SEQ: AtomicU64 = AtomicU64::new(0);
+static EXIT_KEY: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// Drop counters, indexed by `DropReason::code()`.
+pub static DROPS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+
+pub fn count_drop(r: DropReason) {
+    DROPS[(r.code() as usize) & 7].fetch_add(1, Relaxed);
+}
+
+/// Per-thread state. Starts as a sentinel (countdown 0, not initialized) that
+/// sends the first allocation to the slow path, which initializes it.
+pub struct Tls {
+    pub countdown: Cell<i64>,
+    /// Bytes to the next sample point beyond `countdown`; the countdown is
+    /// capped at the rate so that any block of at least `rate` bytes reaches
+    /// the slow path without a second test on the hot path.
+    extra: Cell<i64>,
+    rng: Cell<u64>,
+    /// True while this thread runs tracer code.
+    pub guard: Cell<bool>,
+    /// The writer thread: never traced.
+    internal: Cell<bool>,
+    ready: Cell<bool>,
+    ring: Cell<*mut Ring>,
+    stack_lo: Cell<usize>,
+    stack_hi: Cell<usize>,
+}
+
+impl Tls {
+    const fn new() -> Tls {
+        Tls {
+            countdown: Cell::new(0),
+            extra: Cell::new(0),
+            rng: Cell::new(0),
+            guard: Cell::new(false),
+            internal: Cell::new(false),
+            ready: Cell::new(false),
+            ring: Cell::new(core::ptr::null_mut()),
+            stack_lo: Cell::new(0),
+            stack_hi: Cell::new(0),
+        }
+    }
+}
+
+thread_local! {
+    pub static TLS: Tls = const { Tls::new() };
+}
+
+/// Settings copied out of the config when tracing starts.
+pub fn configure(rate: u64, depth: usize, seed: Option<u64>, unwind: Unwind) {
+    RATE.store(rate.max(1), Relaxed);
+    EXACT.store(rate <= 1, Relaxed);
+    DEPTH.store(depth.clamp(1, MAX_DEPTH), Relaxed);
+    if let Some(s) = seed {
+        SEED.store(s, Relaxed);
+        SEEDED.store(true, Relaxed);
+    }
+    FP_UNWIND.store(unwind == Unwind::FramePointers, Relaxed);
+}
+
+pub fn start() {
+    FREE_MASK.store(if EXACT.load(Relaxed) { 0 } else { sampled::ALIGN - 1 }, Release);
+    STATE.store(RUNNING, Release);
+}
+
+pub fn exact() -> bool {
+    EXACT.load(Relaxed)
+}
+
+pub fn rate() -> u64 {
+    RATE.load(Relaxed)
+}
+
+pub fn running() -> bool {
+    STATE.load(Acquire) == RUNNING
+}
+
+/// Marks the calling thread as the tracer's own (the writer).
+pub fn mark_internal() {
+    TLS.with(|t| {
+        t.internal.set(true);
+        t.guard.set(true);
+        t.countdown.set(i64::MAX / 4);
+    });
+}
+
+/// Registers the thread-exit destructor key.
+pub fn init_exit_key() {
+    let mut key: libc::pthread_key_t = 0;
+    // SAFETY: `thread_exit` matches the destructor signature.
+    if unsafe { libc::pthread_key_create(&mut key, Some(thread_exit)) } == 0 {
+        EXIT_KEY.store(key as usize, Relaxed);
+    }
+}
+
+/// Runs when a traced thread exits: hands its ring back to the writer, which
+/// drains what the thread left and recycles the ring. If the thread allocates
+/// again in a later destructor, it takes a ring again (glibc runs
+/// destructors up to four rounds).
+unsafe extern "C" fn thread_exit(arg: *mut libc::c_void) {
+    TLS.with(|t| {
+        if t.ring.get() == arg as *mut Ring {
+            t.ring.set(core::ptr::null_mut());
+        }
+    });
+    ring::release(arg as *mut Ring);
+}
+
+/// The calling thread's ring, after a fork (for `ring::reset_after_fork`).
+pub fn current_ring() -> *mut Ring {
+    TLS.with(|t| t.ring.get())
+}
+
+fn next_rand(t: &Tls) -> u64 {
+    // xorshift64*: fast, and good enough to drive an exponential draw.
+    let mut x = t.rng.get();
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    t.rng.set(x);
+    x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+/// Bytes to the next sample point: exponential with mean `rate`.
+fn draw(t: &Tls) -> i64 {
+    let rate = RATE.load(Relaxed) as f64;
+    // u in (0, 1]: never ln(0).
+    let u = ((next_rand(t) >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64);
+    let d = -u.ln() * rate;
+    (d as i64).max(1)
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cold]
+fn init_thread(t: &Tls) {
+    let seq = THREAD_SEQ.fetch_add(1, Relaxed);
+    let seed = if SEEDED.load(Relaxed) {
+        splitmix(SEED.load(Relaxed) ^ splitmix(seq))
+    } else {
+        splitmix(sys::now_ns() ^ ((sys::gettid() as u64) << 32) ^ (t as *const Tls as u64))
+    };
+    t.rng.set(seed | 1);
+    if FP_UNWIND.load(Relaxed) {
+        stack_bounds(t);
+    }
+    set_remaining(t, draw(t));
+    t.ready.set(true);
+}
+
+fn stack_bounds(t: &Tls) {
+    // SAFETY: pthread_getattr_np fills `attr` for the calling thread; it may
+    // allocate, which is fine here because the guard is set by our caller.
+    unsafe {
+        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
+        if libc::pthread_getattr_np(libc::pthread_self(), &mut attr) == 0 {
+            let mut addr: *mut libc::c_void = core::ptr::null_mut();
+            let mut size: usize = 0;
+            if libc::pthread_attr_getstack(&attr, &mut addr, &mut size) == 0 {
+                t.stack_lo.set(addr as usize);
+                t.stack_hi.set(addr as usize + size);
+            }
+            libc::pthread_attr_destroy(&mut attr);
+        }
+    }
+}
+
+/// Splits the bytes left to the next sample point into the capped countdown
+/// and the rest.
+fn set_remaining(t: &Tls, total: i64) {
+    let cap = RATE.load(Relaxed).min(i64::MAX as u64 / 4) as i64;
+    let c = total.min(cap);
+    t.countdown.set(c);
+    t.extra.set(total - c);
+}
+
+/// What to do with an allocation that reached the slow path.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Decision {
+    /// Forward untraced.
+    Skip,
+    /// Record as a Poisson sample (sampled mode, small block).
+    Sample,
+    /// Record with weight 1 (exact mode, or a block of at least `rate`).
+    Exact,
+}
+
+/// Decides for an allocation of `size` bytes whose hot-path countdown check
+/// failed (the countdown was not yet charged).
+pub fn decide(t: &Tls, size: usize) -> Decision {
+    if STATE.load(Acquire) != RUNNING {
+        // Check again after a while: tracing may start later (the
+        // constructor has not run yet), or never (disabled, finished).
+        t.countdown.set(if STATE.load(Relaxed) == OFF { 1 << 16 } else { i64::MAX / 4 });
+        return Decision::Skip;
+    }
+    if t.guard.get() {
+        if !t.internal.get() {
+            count_drop(DropReason::Reentrant);
+        }
+        return Decision::Skip;
+    }
+    if EXACT.load(Relaxed) {
+        return Decision::Exact;
+    }
+    if !t.ready.get() {
+        init_thread(t);
+        // The fresh countdown may cover this block: charge it normally.
+        let c = t.countdown.get().wrapping_sub(size as i64);
+        if c > 0 && (size as u64) < RATE.load(Relaxed) {
+            t.countdown.set(c);
+            return Decision::Skip;
+        }
+    }
+    if size as u64 >= RATE.load(Relaxed) {
+        return Decision::Exact;
+    }
+    let mut total = t.countdown.get() + t.extra.get() - size as i64;
+    if total > 0 {
+        set_remaining(t, total);
+        return Decision::Skip;
+    }
+    // A sample point falls inside this block. The process is memoryless: the
+    // next point lies an exponential draw beyond this one; add draws until it
+    // lies beyond the block's end (the block is recorded once however many
+    // points it holds).
+    while total <= 0 {
+        total += draw(t);
+    }
+    set_remaining(t, total);
+    Decision::Sample
+}
+
+/// Records an allocation the caller just made. `ptr` is non-null.
+pub fn record_alloc(t: &Tls, ptr: *mut libc::c_void, size: usize, d: Decision) {
+    let errno = sys::errno();
+    t.guard.set(true);
+    if d == Decision::Sample || (d == Decision::Exact && !EXACT.load(Relaxed)) {
+        // Sampled mode: remember the block so that its free is recognized.
+        if !sampled::insert(ptr as u64) {
+            count_drop(DropReason::SampleTableFull);
+            t.guard.set(false);
+            sys::set_errno(errno);
+            return;
+        }
+    }
+    let stack = capture_stack(t);
+    let kind = if d == Decision::Sample { ring::KIND_SAMPLE } else { ring::KIND_ALLOC };
+    push(t, Event { ts: sys::now_ns(), addr: ptr as u64, size: size as u64, stack, kind });
+    t.guard.set(false);
+    sys::set_errno(errno);
+}
+
+/// Whether a free of `ptr` must be recorded; in sampled mode this removes
+/// the block from the sampled set. Call before the real free.
+pub fn free_is_recorded(t: &Tls, ptr: *mut libc::c_void) -> bool {
+    if ptr.is_null() || STATE.load(Acquire) != RUNNING {
+        return false;
+    }
+    if t.guard.get() {
+        if !t.internal.get() && EXACT.load(Relaxed) {
+            count_drop(DropReason::Reentrant);
+        }
+        return false;
+    }
+    EXACT.load(Relaxed) || ((ptr as usize) & (sampled::ALIGN - 1) == 0 && sampled::remove(ptr as u64))
+}
+
+/// Records a free; `ts` was read before the real free ran.
+pub fn record_free(t: &Tls, ptr: *mut libc::c_void, ts: u64) {
+    let errno = sys::errno();
+    t.guard.set(true);
+    push(t, Event { ts, addr: ptr as u64, size: 0, stack: 0, kind: ring::KIND_FREE });
+    t.guard.set(false);
+    sys::set_errno(errno);
+}
+
+fn capture_stack(t: &Tls) -> u32 {
+    let mut frames = [0u64; MAX_DEPTH];
+    let depth = DEPTH.load(Relaxed).min(MAX_DEPTH);
+    let n = if FP_UNWIND.load(Relaxed) {
+        stacks::capture_fp(&mut frames[..depth], t.stack_lo.get(), t.stack_hi.get())
+    } else {
+        stacks::capture_dwarf(&mut frames[..depth])
+    };
+    if n == 0 {
+        return 0;
+    }
+    match stacks::intern(&frames[..n]) {
+        stacks::Interned::Id(id) => id,
+        stacks::Interned::Full => {
+            count_drop(DropReason::StackTableFull);
+            0
+        }
+    }
+}
+
+/// How long a thread in exact mode waits for room in its ring before it
+/// drops the event: the writer drains every few milliseconds, so only a
+/// stalled writer makes this run out.
+const FULL_RING_YIELDS: u32 = 200_000;
+
+fn push(t: &Tls, ev: Event) {
+    let mut r = t.ring.get();
+    if r.is_null() {
+        r = ring::acquire(sys::gettid());
+        if r.is_null() {
+            count_drop(DropReason::RingFull);
+            return;
+        }
+        t.ring.set(r);
+        let key = EXIT_KEY.load(Relaxed);
+        if key != usize::MAX {
+            // SAFETY: a key created by pthread_key_create; the value is our
+            // ring, handed to `thread_exit` when the thread ends.
+            unsafe { libc::pthread_setspecific(key as libc::pthread_key_t, r as *const libc::c_void) };
+        }
+    }
+    // SAFETY: the ring belongs to this thread.
+    let ring = unsafe { &*r };
+    // SAFETY: only this thread pushes into its ring.
+    if unsafe { ring.push(ev) } {
+        return;
+    }
+    if EXACT.load(Relaxed) {
+        for _ in 0..FULL_RING_YIELDS {
+            if STATE.load(Relaxed) != RUNNING {
+                break;
+            }
+            sys::yield_now();
+            // SAFETY: as above.
+            if unsafe { ring.push(ev) } {
+                return;
+            }
+        }
+    }
+    count_drop(DropReason::RingFull);
+}
+
+/// Runs `f` as tracer code on the calling thread: its allocations pass
+/// straight to the real allocator, untraced and uncounted.
+pub fn with_internal<R>(f: impl FnOnce() -> R) -> R {
+    let (guard, internal) = TLS.with(|t| {
+        let saved = (t.guard.get(), t.internal.get());
+        t.guard.set(true);
+        t.internal.set(true);
+        saved
+    });
+    let r = f();
+    TLS.with(|t| {
+        t.guard.set(guard);
+        t.internal.set(internal);
+    });
+    r
+}

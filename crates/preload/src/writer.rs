@@ -1,0 +1,598 @@
+//! The writer: a thread of the tracer's own that drains the rings every few
+//! milliseconds, adds new stacks, module maps, drop counts and process
+//! statistics, and appends it all to the mmap'd trace file.
+//!
+//! The writer is the only code that allocates (its buffers, through the real
+//! allocator: its thread is marked internal, so its own allocations are not
+//! traced). It runs one "cycle" at a time under `BUSY`, a flag that the
+//! exec and exit paths take too, so that they can flush synchronously.
+//!
+//! Crash safety: records are copied into a shared file mapping, then the
+//! header's `committed` length is stored with release. A SIGKILL leaves both
+//! in the page cache; the decoder reads up to `committed`. Space is reserved
+//! with `posix_fallocate` before it is mapped, so a full disk is an error we
+//! count, never a SIGBUS in the traced program.
+
+use core::ffi::{c_int, c_void};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering::*};
+
+use mtrace_format::{self as fmt, DropReason, Encoder, Header, Module, HEADER_SIZE};
+
+use crate::config::{self, Config};
+use crate::ring::{self, Event};
+use crate::sys::{self, StackBuf};
+use crate::{real, stacks, tracer};
+
+struct Writer {
+    fd: c_int,
+    map: *mut u8,
+    /// Bytes of the file that are mapped (and reserved on disk).
+    map_len: usize,
+    /// Bytes of the record stream written so far.
+    pos: usize,
+    enc: Encoder,
+    buf: Vec<u8>,
+    events: Vec<Event>,
+    start_mono: u64,
+    stacks_done: u32,
+    modules: Vec<(u64, Vec<u8>)>,
+    dl_adds: u64,
+    dl_subs: u64,
+    drops_written: [u64; 8],
+    stats_ms: u64,
+    flush_ms: u64,
+    last_stats: u64,
+    broken: bool,
+}
+
+static WRITER: AtomicPtr<Writer> = AtomicPtr::new(core::ptr::null_mut());
+/// Held by whoever runs a writer cycle.
+static BUSY: AtomicBool = AtomicBool::new(false);
+/// Tells the writer thread to stop.
+static STOP: AtomicBool = AtomicBool::new(false);
+/// Events that could not be written, counted into DropReason::WriteFailed.
+static WRITE_FAILED: AtomicU64 = AtomicU64::new(0);
+
+fn lock() {
+    while BUSY.compare_exchange_weak(false, true, Acquire, Relaxed).is_err() {
+        sys::yield_now();
+    }
+}
+
+fn try_lock() -> bool {
+    BUSY.compare_exchange(false, true, Acquire, Relaxed).is_ok()
+}
+
+fn unlock() {
+    BUSY.store(false, Release);
+}
+
+/// Creates the trace file and the writer thread. False (with a message on
+/// stderr) when tracing cannot start.
+pub fn start(cfg: &Config, ppid: u32, forked: bool) -> bool {
+    let pid = sys::getpid();
+    let Some((fd, path)) = create_file(cfg, pid) else { return false };
+    let start_mono = sys::now_ns();
+    let header = Header {
+        version: fmt::FORMAT_VERSION,
+        committed: 0,
+        flags: 0,
+        pid,
+        ppid,
+        max_depth: cfg.depth as u32,
+        start_realtime_ns: sys::realtime_ns(),
+        start_monotonic_ns: start_mono,
+        sample_rate: cfg.sample_bytes,
+    };
+    let mut w = Box::new(Writer {
+        fd,
+        map: core::ptr::null_mut(),
+        map_len: 0,
+        pos: 0,
+        enc: Encoder::new(),
+        buf: Vec::with_capacity(1 << 20),
+        events: Vec::with_capacity(1 << 16),
+        start_mono,
+        stacks_done: 0,
+        modules: Vec::new(),
+        dl_adds: u64::MAX,
+        dl_subs: u64::MAX,
+        drops_written: [0; 8],
+        stats_ms: cfg.stats_ms,
+        flush_ms: cfg.flush_ms,
+        last_stats: 0,
+        broken: false,
+    });
+    if !w.reserve(4 << 20) {
+        warn_path(b"cannot map the trace file ", path.as_bytes());
+        // SAFETY: our own descriptor.
+        unsafe { libc::close(fd) };
+        return false;
+    }
+    // SAFETY: the mapping is at least HEADER_SIZE bytes long.
+    header.encode(unsafe { core::slice::from_raw_parts_mut(w.map, HEADER_SIZE) });
+    w.write_info(forked, ppid);
+    let w = Box::into_raw(w);
+    WRITER.store(w, Release);
+    STOP.store(false, Release);
+    BUSY.store(false, Release);
+    spawn_thread()
+}
+
+fn warn_path(what: &[u8], path: &[u8]) {
+    let e = sys::errno();
+    // SAFETY: strerror returns a static or thread-local string.
+    let msg = unsafe { sys::cstr_bytes(libc::strerror(e)) };
+    sys::warn(&[what, path, b": ", msg, b"; tracing disabled"]);
+}
+
+/// Opens a new trace file: mode 0600, never following a symlink, never
+/// overwriting; on a name clash (an exec'd image has the pid of the image that
+/// exec'd it) a `.N` suffix is added.
+fn create_file(cfg: &Config, pid: u32) -> Option<(c_int, StackBuf<{ config::MAX_PATH + 32 }>)> {
+    for attempt in 0..1000 {
+        let mut path = StackBuf::new();
+        config::expand_out(cfg, pid, attempt, &mut path);
+        if path.full() {
+            sys::warn(&[b"the trace path is too long; tracing disabled"]);
+            return None;
+        }
+        // SAFETY: a NUL-terminated path.
+        let fd = unsafe {
+            libc::open(
+                path.as_cstr(),
+                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                0o600,
+            )
+        };
+        if fd >= 0 {
+            return Some((fd, path));
+        }
+        if sys::errno() != libc::EEXIST {
+            warn_path(b"cannot create trace file ", path.as_bytes());
+            return None;
+        }
+    }
+    sys::warn(&[b"no free trace file name after 1000 attempts; tracing disabled"]);
+    None
+}
+
+fn spawn_thread() -> bool {
+    // SAFETY: plain pthread calls with valid arguments; the attribute object
+    // lives across pthread_create.
+    unsafe {
+        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
+        libc::pthread_attr_init(&mut attr);
+        libc::pthread_attr_setstacksize(&mut attr, 1 << 20);
+        libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
+        let mut th: libc::pthread_t = 0;
+        let rc = libc::pthread_create(&mut th, &attr, thread_main, core::ptr::null_mut());
+        libc::pthread_attr_destroy(&mut attr);
+        if rc != 0 {
+            sys::warn(&[b"cannot start the writer thread; tracing disabled"]);
+            return false;
+        }
+    }
+    true
+}
+
+extern "C" fn thread_main(_: *mut c_void) -> *mut c_void {
+    tracer::mark_internal();
+    // The program's signals are the program's: none is delivered to us.
+    // SAFETY: a full set, applied to this thread only.
+    unsafe {
+        let mut set: libc::sigset_t = core::mem::zeroed();
+        libc::sigfillset(&mut set);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, core::ptr::null_mut());
+        libc::prctl(libc::PR_SET_NAME, c"mtrace-writer".as_ptr() as libc::c_ulong, 0, 0, 0);
+    }
+    loop {
+        if STOP.load(Acquire) {
+            return core::ptr::null_mut();
+        }
+        let mut busy = false;
+        let mut pace = 10;
+        if try_lock() {
+            if STOP.load(Acquire) {
+                unlock();
+                return core::ptr::null_mut();
+            }
+            if let Some(w) = writer() {
+                busy = w.cycle() > ring::CAP / 4;
+                pace = w.flush_ms;
+            }
+            unlock();
+        }
+        if !busy {
+            sys::sleep_ms(pace);
+        }
+    }
+}
+
+fn writer() -> Option<&'static mut Writer> {
+    let w = WRITER.load(Acquire);
+    // SAFETY: the writer is only touched under BUSY, which the caller holds.
+    (!w.is_null()).then(|| unsafe { &mut *w })
+}
+
+/// Flushes synchronously before an exec replaces the image.
+pub fn before_exec() {
+    if !tracer::running() {
+        return;
+    }
+    lock();
+    if let Some(w) = writer() {
+        w.cycle();
+        let ts = sys::now_ns();
+        let rel = ts.saturating_sub(w.start_mono);
+        let mut buf = core::mem::take(&mut w.buf);
+        buf.clear();
+        w.enc.mark(&mut buf, rel, fmt::mark::EXEC, 0);
+        w.append(&buf);
+        w.buf = buf;
+    }
+    unlock();
+}
+
+/// Writes everything and the END record; after this, hooks stop recording.
+/// Runs from the library destructor and from `_exit`.
+pub fn finish() {
+    if tracer::STATE
+        .compare_exchange(tracer::RUNNING, tracer::FINISHED, AcqRel, Relaxed)
+        .is_err()
+    {
+        return;
+    }
+    STOP.store(true, Release);
+    lock();
+    if let Some(w) = writer() {
+        w.cycle();
+        w.close();
+    }
+    // BUSY stays held: nothing may write to the closed file.
+}
+
+/// `pthread_atfork` prepare: wait until the writer is between cycles, so that
+/// the child does not inherit it halfway through the loader's or the
+/// allocator's locks.
+pub extern "C" fn fork_prepare() {
+    if tracer::running() {
+        lock();
+    }
+}
+
+pub extern "C" fn fork_parent() {
+    if tracer::running() {
+        unlock();
+    }
+}
+
+/// In the child: only this thread exists. Events queued before the fork are
+/// the parent's; the child gets a new file and a new writer thread.
+pub extern "C" fn fork_child(cfg: &Config) {
+    if !tracer::running() {
+        return;
+    }
+    ring::reset_after_fork(tracer::current_ring());
+    for d in &tracer::DROPS {
+        d.store(0, Relaxed);
+    }
+    // The parent's writer state stays where it was (it may be mid-cycle);
+    // the child starts from scratch.
+    WRITER.store(core::ptr::null_mut(), Release);
+    BUSY.store(false, Release);
+    let ok = tracer::with_internal(|| start(cfg, sys::getppid(), true));
+    if !ok {
+        tracer::STATE.store(tracer::FINISHED, Release);
+    }
+}
+
+impl Writer {
+    /// Makes sure `extra` more bytes fit after `pos`, growing the file and the
+    /// mapping. False when the disk or the address space refuses.
+    fn reserve(&mut self, extra: usize) -> bool {
+        let need = HEADER_SIZE + self.pos + extra;
+        if need <= self.map_len {
+            return true;
+        }
+        let mut len = self.map_len.max(HEADER_SIZE + (4 << 20));
+        while len < need {
+            len = len.saturating_mul(2).min(len + (256 << 20));
+        }
+        // SAFETY: fd is our open file; the mapping calls replace only our own
+        // mapping.
+        unsafe {
+            if libc::posix_fallocate(self.fd, 0, len as libc::off_t) != 0 {
+                return false;
+            }
+            let p = if self.map.is_null() {
+                libc::mmap(
+                    core::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    self.fd,
+                    0,
+                )
+            } else {
+                libc::mremap(self.map as *mut c_void, self.map_len, len, libc::MREMAP_MAYMOVE)
+            };
+            if p == libc::MAP_FAILED {
+                return false;
+            }
+            self.map = p as *mut u8;
+        }
+        self.map_len = len;
+        true
+    }
+
+    /// Copies whole records into the file and publishes the new length.
+    fn append(&mut self, bytes: &[u8]) -> bool {
+        if bytes.is_empty() {
+            return true;
+        }
+        if self.broken || !self.reserve(bytes.len()) {
+            if !self.broken {
+                sys::warn(&[b"writing the trace file failed (disk full?); later events are counted as dropped"]);
+            }
+            self.broken = true;
+            return false;
+        }
+        // SAFETY: `reserve` made [HEADER_SIZE + pos, + len) part of the mapping.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.map.add(HEADER_SIZE + self.pos),
+                bytes.len(),
+            );
+        }
+        self.pos += bytes.len();
+        self.header_u64(fmt::COMMITTED_OFFSET).store(self.pos as u64, Release);
+        true
+    }
+
+    fn header_u64(&self, off: usize) -> &AtomicU64 {
+        // SAFETY: the header page is mapped for the writer's lifetime and the
+        // offset is 8-aligned.
+        unsafe { &*(self.map.add(off) as *const AtomicU64) }
+    }
+
+    fn write_info(&mut self, forked: bool, ppid: u32) {
+        let mut buf = Vec::new();
+        let exe = std::fs::read_link("/proc/self/exe").map(|p| p.into_os_string()).unwrap_or_default();
+        self.enc.info(&mut buf, b"exe", std::os::unix::ffi::OsStrExt::as_bytes(exe.as_os_str()));
+        let mut cmdline = std::fs::read("/proc/self/cmdline").unwrap_or_default();
+        if cmdline.last() == Some(&0) {
+            cmdline.pop();
+        }
+        self.enc.info(&mut buf, b"cmdline", &cmdline);
+        if let Ok(cwd) = std::env::current_dir() {
+            self.enc.info(&mut buf, b"cwd", std::os::unix::ffi::OsStrExt::as_bytes(cwd.as_os_str()));
+        }
+        self.enc.info(&mut buf, b"tracer", concat!("mtrace-rs ", env!("CARGO_PKG_VERSION")).as_bytes());
+        if forked {
+            self.enc.mark(&mut buf, 0, fmt::mark::FORKED, ppid as u64);
+        }
+        self.append(&buf);
+    }
+
+    fn close(&mut self) {
+        let ts = sys::now_ns().saturating_sub(self.start_mono);
+        let mut buf = Vec::new();
+        self.enc.end(&mut buf, ts);
+        if self.append(&buf) {
+            let flags = self.header_u64(fmt::FLAGS_OFFSET);
+            flags.fetch_or(fmt::FLAG_CLEAN_END as u64, Release);
+        }
+        // SAFETY: our mapping and descriptor; nothing uses them afterwards.
+        unsafe {
+            libc::munmap(self.map as *mut c_void, self.map_len);
+            libc::ftruncate(self.fd, (HEADER_SIZE + self.pos) as libc::off_t);
+            libc::close(self.fd);
+        }
+        self.map = core::ptr::null_mut();
+        self.broken = true;
+    }
+
+    /// One pass: everything queued so far goes into the file. Returns the
+    /// number of events written.
+    fn cycle(&mut self) -> usize {
+        let mut buf = core::mem::take(&mut self.buf);
+        let mut events = core::mem::take(&mut self.events);
+        buf.clear();
+        events.clear();
+        ring::for_each(|r| {
+            ring::drain_and_recycle(r, &mut events);
+        });
+        // Rings are drained one after another, so merge by time: frees sort
+        // before allocations at equal times (an address is freed before it
+        // can be handed out again).
+        events.sort_unstable_by_key(|e| (e.ts, e.kind != ring::KIND_FREE));
+        self.modules(&mut buf);
+        self.stacks(&mut buf);
+        for e in &events {
+            let ts = e.ts.saturating_sub(self.start_mono);
+            match e.kind {
+                ring::KIND_FREE => self.enc.free(&mut buf, ts, e.addr),
+                k => self.enc.alloc(&mut buf, ts, e.addr, e.size, e.stack as u64, k == ring::KIND_SAMPLE),
+            }
+        }
+        self.stats(&mut buf);
+        self.drops(&mut buf);
+        if !self.append(&buf) {
+            WRITE_FAILED.fetch_add(events.len() as u64, Relaxed);
+        }
+        let n = events.len();
+        self.buf = buf;
+        self.events = events;
+        n
+    }
+
+    fn stacks(&mut self, buf: &mut Vec<u8>) {
+        let last = stacks::last_id();
+        let mut frames = Vec::with_capacity(64);
+        while self.stacks_done < last {
+            let id = self.stacks_done + 1;
+            let Some(it) = stacks::get(id) else { break };
+            frames.clear();
+            frames.extend(it);
+            self.enc.stack(buf, id as u64, &frames);
+            self.stacks_done = id;
+        }
+    }
+
+    fn drops(&mut self, buf: &mut Vec<u8>) {
+        let failed = WRITE_FAILED.load(Relaxed);
+        for r in DropReason::ALL {
+            let i = r.code() as usize & 7;
+            let mut v = tracer::DROPS[i].load(Relaxed);
+            if r == DropReason::WriteFailed {
+                v += failed;
+            }
+            if v != self.drops_written[i] {
+                self.enc.dropped(buf, r, v);
+                self.drops_written[i] = v;
+            }
+        }
+    }
+
+    fn stats(&mut self, buf: &mut Vec<u8>) {
+        if self.stats_ms == 0 {
+            return;
+        }
+        let now = sys::now_ns();
+        if now < self.last_stats + self.stats_ms * 1_000_000 {
+            return;
+        }
+        self.last_stats = now;
+        let mut fields = [(0u64, 0u64); 6];
+        let mut n = 0;
+        if let Some(rss) = rss_bytes() {
+            fields[n] = (fmt::stat::RSS, rss);
+            n += 1;
+        }
+        if real::next_is_glibc() {
+            // SAFETY: mallinfo2 only reads glibc's arena statistics.
+            let mi = unsafe { libc::mallinfo2() };
+            for (k, v) in [
+                (fmt::stat::ARENA, mi.arena),
+                (fmt::stat::IN_USE, mi.uordblks),
+                (fmt::stat::FREE_HELD, mi.fordblks),
+                (fmt::stat::MMAPPED, mi.hblkhd),
+                (fmt::stat::KEEPCOST, mi.keepcost),
+            ] {
+                fields[n] = (k, v as u64);
+                n += 1;
+            }
+        }
+        self.enc.stats(buf, now.saturating_sub(self.start_mono), &fields[..n]);
+    }
+
+    /// Records modules loaded since the last look (dlopen, or all at start).
+    fn modules(&mut self, buf: &mut Vec<u8>) {
+        struct Scan<'a> {
+            w: &'a mut Writer,
+            found: Vec<Module>,
+            first: bool,
+            changed: bool,
+        }
+        unsafe extern "C" fn cb(info: *mut libc::dl_phdr_info, _size: usize, data: *mut c_void) -> c_int {
+            // SAFETY: `data` is the Scan below; `info` is valid for the call.
+            let (s, info) = unsafe { (&mut *(data as *mut Scan), &*info) };
+            if s.first {
+                s.first = false;
+                if info.dlpi_adds == s.w.dl_adds && info.dlpi_subs == s.w.dl_subs {
+                    return 1; // nothing loaded or unloaded since the last look
+                }
+                s.w.dl_adds = info.dlpi_adds;
+                s.w.dl_subs = info.dlpi_subs;
+                s.changed = true;
+            }
+            // SAFETY: dlpi_name is a NUL-terminated string (or null).
+            let mut path = unsafe { sys::cstr_bytes(info.dlpi_name) }.to_vec();
+            if path.is_empty() && s.found.is_empty() && s.w.modules.is_empty() {
+                // The main program comes first, with an empty name.
+                path = std::fs::read_link("/proc/self/exe")
+                    .map(|p| std::os::unix::ffi::OsStrExt::as_bytes(p.as_os_str()).to_vec())
+                    .unwrap_or_default();
+            }
+            let bias = info.dlpi_addr;
+            if s.w.modules.iter().any(|(b, p)| *b == bias && *p == path) {
+                return 0;
+            }
+            let mut m = Module { ts: 0, bias, path, build_id: Vec::new(), segments: Vec::new() };
+            for i in 0..info.dlpi_phnum as usize {
+                // SAFETY: dlpi_phdr has dlpi_phnum entries.
+                let ph = unsafe { &*info.dlpi_phdr.add(i) };
+                if ph.p_type == libc::PT_LOAD {
+                    m.segments.push((bias.wrapping_add(ph.p_vaddr), ph.p_memsz));
+                } else if ph.p_type == libc::PT_NOTE && m.build_id.is_empty() {
+                    // SAFETY: a PT_NOTE segment of a loaded object is mapped.
+                    let notes = unsafe {
+                        core::slice::from_raw_parts(bias.wrapping_add(ph.p_vaddr) as *const u8, ph.p_memsz as usize)
+                    };
+                    m.build_id = build_id(notes).to_vec();
+                }
+            }
+            s.found.push(m);
+            0
+        }
+        let mut scan = Scan { w: self, found: Vec::new(), first: true, changed: false };
+        // SAFETY: `cb` matches the callback type and only uses `scan`.
+        unsafe { libc::dl_iterate_phdr(Some(cb), &mut scan as *mut Scan as *mut c_void) };
+        let Scan { found, changed, .. } = scan;
+        if !changed {
+            return;
+        }
+        let ts = sys::now_ns().saturating_sub(self.start_mono);
+        for mut m in found {
+            m.ts = ts;
+            self.enc.module(buf, &m);
+            self.modules.push((m.bias, m.path));
+        }
+    }
+}
+
+/// The GNU build-id in a PT_NOTE segment, or empty.
+fn build_id(mut notes: &[u8]) -> &[u8] {
+    let align4 = |n: usize| (n + 3) & !3;
+    while notes.len() >= 12 {
+        let namesz = u32::from_ne_bytes([notes[0], notes[1], notes[2], notes[3]]) as usize;
+        let descsz = u32::from_ne_bytes([notes[4], notes[5], notes[6], notes[7]]) as usize;
+        let ty = u32::from_ne_bytes([notes[8], notes[9], notes[10], notes[11]]);
+        let name_end = 12 + align4(namesz);
+        let desc_end = name_end + align4(descsz);
+        if desc_end > notes.len() {
+            break;
+        }
+        if ty == 3 && namesz == 4 && &notes[12..16] == b"GNU\0" {
+            return &notes[name_end..name_end + descsz];
+        }
+        notes = &notes[desc_end..];
+    }
+    &[]
+}
+
+fn rss_bytes() -> Option<u64> {
+    // /proc/self/statm: size resident shared text lib data dt, in pages.
+    let mut b = [0u8; 128];
+    // SAFETY: a NUL-terminated path; reads into a local buffer.
+    let n = unsafe {
+        let fd = libc::open(c"/proc/self/statm".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return None;
+        }
+        let n = libc::read(fd, b.as_mut_ptr() as *mut c_void, b.len());
+        libc::close(fd);
+        n
+    };
+    if n <= 0 {
+        return None;
+    }
+    let s = &b[..n as usize];
+    let field = s.split(|&c| c == b' ').nth(1)?;
+    let pages = config::parse_u64(field)?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+    Some(pages * page)
+}
