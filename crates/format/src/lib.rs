@@ -617,7 +617,8 @@ impl<R: Read> Decoder<R> {
         self.buf_base += self.pos as u64;
         self.pos = 0;
         let want = need.max(1 << 20);
-        let room = (self.limit - self.fetched).min(want.saturating_sub(self.buf.len()) as u64) as usize;
+        let room =
+            (self.limit - self.fetched).min(want.saturating_sub(self.buf.len()) as u64) as usize;
         let old = self.buf.len();
         self.buf.resize(old + room, 0);
         let mut filled = old;

@@ -264,7 +264,11 @@ fn aligned_slow(
             return alloc(align);
         }
         let d = tracer::decide(t, size);
-        let p = if align_for(d) { alloc(align.max(sampled::ALIGN)) } else { alloc(align) };
+        let p = if align_for(d) {
+            alloc(align.max(sampled::ALIGN))
+        } else {
+            alloc(align)
+        };
         if d != Decision::Skip && !p.is_null() {
             tracer::record_alloc(t, p, size, d);
         }
@@ -280,7 +284,7 @@ pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, siz
         // SAFETY: forwarding.
         return unsafe { real::posix_memalign(out, align, size) };
     }
-    let valid = align.is_power_of_two() && align % core::mem::size_of::<usize>() == 0;
+    let valid = align.is_power_of_two() && align.is_multiple_of(core::mem::size_of::<usize>());
     let mut rc = 0;
     let p = aligned_slow(size, align, valid, |a| {
         let mut p = core::ptr::null_mut();
@@ -309,7 +313,9 @@ pub unsafe extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void
         return unsafe { real::aligned_alloc(align, size) };
     }
     // SAFETY: forwarding.
-    aligned_slow(size, align, align.is_power_of_two(), |a| unsafe { real::aligned_alloc(a, size) })
+    aligned_slow(size, align, align.is_power_of_two(), |a| unsafe {
+        real::aligned_alloc(a, size)
+    })
 }
 
 /// # Safety
@@ -321,7 +327,9 @@ pub unsafe extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
         return unsafe { real::memalign(align, size) };
     }
     // SAFETY: forwarding.
-    aligned_slow(size, align, align.is_power_of_two(), |a| unsafe { real::memalign(a, size) })
+    aligned_slow(size, align, align.is_power_of_two(), |a| unsafe {
+        real::memalign(a, size)
+    })
 }
 
 /// # Safety
@@ -334,7 +342,9 @@ pub unsafe extern "C" fn valloc(size: usize) -> *mut c_void {
     }
     // valloc's blocks are page-aligned already.
     // SAFETY: forwarding.
-    aligned_slow(size, sampled::ALIGN, true, |_| unsafe { real::valloc(size) })
+    aligned_slow(size, sampled::ALIGN, true, |_| unsafe {
+        real::valloc(size)
+    })
 }
 
 /// # Safety
@@ -346,7 +356,9 @@ pub unsafe extern "C" fn pvalloc(size: usize) -> *mut c_void {
         return unsafe { real::pvalloc(size) };
     }
     // SAFETY: forwarding.
-    aligned_slow(size, sampled::ALIGN, true, |_| unsafe { real::pvalloc(size) })
+    aligned_slow(size, sampled::ALIGN, true, |_| unsafe {
+        real::pvalloc(size)
+    })
 }
 
 /// # Safety

@@ -73,7 +73,11 @@ impl Config {
         let mut ok = true;
         if let Some(v) = getenv(b"MTRACE_RS_OUT\0") {
             if v.is_empty() || v.len() >= MAX_PATH {
-                bad(b"MTRACE_RS_OUT", v, b"expected a path template of 1 to 1023 bytes");
+                bad(
+                    b"MTRACE_RS_OUT",
+                    v,
+                    b"expected a path template of 1 to 1023 bytes",
+                );
                 ok = false;
             } else {
                 c.out[..v.len()].copy_from_slice(v);
@@ -97,7 +101,11 @@ impl Config {
             match parse_u64(v) {
                 Some(n) if (1..=MAX_DEPTH as u64).contains(&n) => c.depth = n as usize,
                 _ => {
-                    bad(b"MTRACE_RS_DEPTH", v, b"expected a number of frames from 1 to 256");
+                    bad(
+                        b"MTRACE_RS_DEPTH",
+                        v,
+                        b"expected a number of frames from 1 to 256",
+                    );
                     ok = false;
                 }
             }
@@ -115,7 +123,11 @@ impl Config {
             match parse_u64(v) {
                 Some(n) if (1..=1000).contains(&n) => c.flush_ms = n,
                 _ => {
-                    bad(b"MTRACE_RS_FLUSH_MS", v, b"expected milliseconds from 1 to 1000");
+                    bad(
+                        b"MTRACE_RS_FLUSH_MS",
+                        v,
+                        b"expected milliseconds from 1 to 1000",
+                    );
                     ok = false;
                 }
             }
@@ -179,7 +191,11 @@ fn warn_unknown() {
                 None => entry,
             };
             if !KNOWN.contains(&name) {
-                warn(&[b"unknown variable ", name, b" ignored (see README.md for the MTRACE_RS_* variables)"]);
+                warn(&[
+                    b"unknown variable ",
+                    name,
+                    b" ignored (see README.md for the MTRACE_RS_* variables)",
+                ]);
             }
         }
     }

@@ -12,6 +12,9 @@
 //! takes a blocking lock, or panics; tracing fails open (on any internal
 //! error the program runs on untraced and the reason goes to stderr once).
 
+// The library's start-up and shut-down are compiled out of unit tests.
+#![cfg_attr(test, allow(dead_code))]
+
 pub mod api;
 pub mod config;
 pub mod real;
@@ -67,7 +70,13 @@ extern "C" fn init() {
             return;
         }
         // SAFETY: registering plain functions with no arguments.
-        unsafe { pthread_atfork(Some(writer::fork_prepare), Some(writer::fork_parent), Some(fork_child)) };
+        unsafe {
+            pthread_atfork(
+                Some(writer::fork_prepare),
+                Some(writer::fork_parent),
+                Some(fork_child),
+            )
+        };
     });
 }
 
@@ -83,10 +92,13 @@ extern "C" fn fini() {
     writer::finish();
 }
 
+// Not in unit tests: the test harness must not trace itself.
+#[cfg(not(test))]
 #[used]
 #[link_section = ".init_array"]
 static INIT: extern "C" fn() = init;
 
+#[cfg(not(test))]
 #[used]
 #[link_section = ".fini_array"]
 static FINI: extern "C" fn() = fini;
@@ -95,7 +107,11 @@ static FINI: extern "C" fn() = fini;
 fn set_self_range() {
     static LO: AtomicUsize = AtomicUsize::new(0);
     let me = set_self_range as *const () as usize;
-    unsafe extern "C" fn cb(info: *mut libc::dl_phdr_info, _: usize, data: *mut libc::c_void) -> libc::c_int {
+    unsafe extern "C" fn cb(
+        info: *mut libc::dl_phdr_info,
+        _: usize,
+        data: *mut libc::c_void,
+    ) -> libc::c_int {
         // SAFETY: valid for the call; `data` is the target address.
         let (info, me) = unsafe { (&*info, *(data as *const usize)) };
         let (mut lo, mut hi) = (usize::MAX, 0usize);

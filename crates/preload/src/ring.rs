@@ -102,6 +102,7 @@ impl Ring {
         let head = self.head.0.load(Relaxed);
         let tail = self.tail.0.load(Acquire);
         let n = tail.wrapping_sub(head);
+        debug_assert!(n <= CAP, "ring overrun: head {head} tail {tail}");
         for i in 0..n {
             // SAFETY: slots in [head, tail) were published by the producer's
             // release store of `tail`, and the producer does not touch them
@@ -132,7 +133,11 @@ pub fn acquire(tid: u32) -> *mut Ring {
     while !r.is_null() {
         // SAFETY: rings in the pool are never unmapped.
         let ring = unsafe { &*r };
-        if ring.state.compare_exchange(FREE, OWNED, AcqRel, Relaxed).is_ok() {
+        if ring
+            .state
+            .compare_exchange(FREE, OWNED, AcqRel, Relaxed)
+            .is_ok()
+        {
             ring.tid.store(tid, Relaxed);
             return r;
         }
@@ -160,11 +165,8 @@ pub fn acquire(tid: u32) -> *mut Ring {
 }
 
 /// Marks the ring as no longer owned; the writer frees it once drained.
-pub fn release(r: *mut Ring) {
-    if !r.is_null() {
-        // SAFETY: rings are never unmapped.
-        unsafe { (*r).state.store(RELEASED, Release) };
-    }
+pub fn release(r: &Ring) {
+    r.state.store(RELEASED, Release);
 }
 
 /// Calls `f` on every ring in the pool.
@@ -214,13 +216,20 @@ mod tests {
                 std::thread::spawn(move || {
                     let r = acquire(t);
                     for i in 0..PER {
-                        let ev = Event { ts: i, addr: t as u64, size: i, stack: 0, kind: KIND_ALLOC };
+                        let ev = Event {
+                            ts: i,
+                            addr: t as u64,
+                            size: i,
+                            stack: 0,
+                            kind: KIND_ALLOC,
+                        };
                         // SAFETY: this thread owns `r`.
                         while !unsafe { (*r).push(ev) } {
                             std::thread::yield_now();
                         }
                     }
-                    release(r);
+                    // SAFETY: rings are never unmapped.
+                    release(unsafe { &*r });
                 })
             })
             .collect();

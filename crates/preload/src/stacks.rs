@@ -99,7 +99,9 @@ pub enum Interned {
 
 /// Interns `frames` (non-empty, at most MAX_DEPTH).
 pub fn intern(frames: &[u64]) -> Interned {
-    let Some(t) = table() else { return Interned::Full };
+    let Some(t) = table() else {
+        return Interned::Full;
+    };
     let h = hash(frames);
     let mut i = (h as usize) & (SLOTS - 1);
     for _ in 0..MAX_PROBES {
@@ -203,7 +205,11 @@ fn get_in(t: &Table, id: u32) -> Option<Frames> {
     let off = off as usize - 1;
     // SAFETY: a published index entry points at a whole arena entry.
     let len = unsafe { (*t.arena.add(off)).load(Relaxed) } as usize;
-    Some(Frames { arena: t.arena, at: off + 1, end: off + 1 + len.min(MAX_DEPTH) })
+    Some(Frames {
+        arena: t.arena,
+        at: off + 1,
+        end: off + 1 + len.min(MAX_DEPTH),
+    })
 }
 
 /// The frames of a published id; `None` while its inserter is still copying.
@@ -274,7 +280,11 @@ extern "C" fn collect(ctx: *mut c_void, arg: *mut c_void) -> c_int {
 /// the tracer's own frames removed. Returns the count.
 #[inline(never)]
 pub fn capture_dwarf(out: &mut [u64]) -> usize {
-    let mut c = Collect { out, n: 0, skipping: true };
+    let mut c = Collect {
+        out,
+        n: 0,
+        skipping: true,
+    };
     // SAFETY: `collect` only writes into `c`, which outlives the call.
     unsafe { _Unwind_Backtrace(collect, &mut c as *mut Collect as *mut c_void) };
     c.n
@@ -289,11 +299,13 @@ pub fn capture_fp(out: &mut [u64], stack_lo: usize, stack_hi: usize) -> usize {
     let mut fp: usize;
     // SAFETY: reading rbp has no side effects; this function is compiled with
     // frame pointers (the crate forces them), so rbp is our frame.
-    unsafe { core::arch::asm!("mov {}, rbp", out(reg) fp, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("mov {}, rbp", out(reg) fp, options(nomem, nostack, preserves_flags))
+    };
     let mut n = 0;
     let mut skipping = true;
     while n < out.len() {
-        if fp < stack_lo || fp + 16 > stack_hi || fp % 8 != 0 {
+        if fp < stack_lo || fp + 16 > stack_hi || !fp.is_multiple_of(8) {
             break;
         }
         // SAFETY: [fp, fp + 16) is inside the current thread's stack.
@@ -323,9 +335,15 @@ mod tests {
         assert!(init());
         let a = [0x1000u64, 0x2000, 0x3000];
         let b = [0x1000u64, 0x2000, 0x3001];
-        let Interned::Id(ia) = intern(&a) else { panic!("full") };
-        let Interned::Id(ib) = intern(&b) else { panic!("full") };
-        let Interned::Id(ia2) = intern(&a) else { panic!("full") };
+        let Interned::Id(ia) = intern(&a) else {
+            panic!("full")
+        };
+        let Interned::Id(ib) = intern(&b) else {
+            panic!("full")
+        };
+        let Interned::Id(ia2) = intern(&a) else {
+            panic!("full")
+        };
         assert_eq!(ia, ia2);
         assert_ne!(ia, ib);
         assert_eq!(get(ia).unwrap().collect::<Vec<_>>(), a);

@@ -12,7 +12,10 @@ use core::ffi::c_void;
 /// nanoseconds, without a system call).
 #[inline]
 pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -20,7 +23,10 @@ pub fn now_ns() -> u64 {
 
 /// Nanoseconds since the Unix epoch.
 pub fn realtime_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: as in `now_ns`.
     unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -101,7 +107,10 @@ pub struct StackBuf<const N: usize> {
 
 impl<const N: usize> StackBuf<N> {
     pub const fn new() -> Self {
-        StackBuf { buf: [0; N], len: 0 }
+        StackBuf {
+            buf: [0; N],
+            len: 0,
+        }
     }
 
     pub fn push(&mut self, bytes: &[u8]) -> &mut Self {
@@ -128,10 +137,6 @@ impl<const N: usize> StackBuf<N> {
 
     pub fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len]
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
     }
 
     /// True when something was cut because the buffer was full (one byte is
@@ -180,7 +185,10 @@ pub unsafe fn cstr_bytes<'a>(s: *const libc::c_char) -> &'a [u8] {
 
 /// Sleeps for `ms` milliseconds (the writer's pace).
 pub fn sleep_ms(ms: u64) {
-    let ts = libc::timespec { tv_sec: (ms / 1000) as i64, tv_nsec: ((ms % 1000) * 1_000_000) as i64 };
+    let ts = libc::timespec {
+        tv_sec: (ms / 1000) as i64,
+        tv_nsec: ((ms % 1000) * 1_000_000) as i64,
+    };
     // SAFETY: `ts` is valid; a null remainder pointer is allowed.
     unsafe { libc::nanosleep(&ts, core::ptr::null_mut()) };
 }

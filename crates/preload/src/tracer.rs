@@ -108,7 +108,14 @@ pub fn configure(rate: u64, depth: usize, seed: Option<u64>, unwind: Unwind) {
 }
 
 pub fn start() {
-    FREE_MASK.store(if EXACT.load(Relaxed) { 0 } else { sampled::ALIGN - 1 }, Release);
+    FREE_MASK.store(
+        if EXACT.load(Relaxed) {
+            0
+        } else {
+            sampled::ALIGN - 1
+        },
+        Release,
+    );
     STATE.store(RUNNING, Release);
 }
 
@@ -152,7 +159,11 @@ unsafe extern "C" fn thread_exit(arg: *mut libc::c_void) {
             t.ring.set(core::ptr::null_mut());
         }
     });
-    ring::release(arg as *mut Ring);
+    if !arg.is_null() {
+        // SAFETY: the value is a ring from `ring::acquire`; rings are never
+        // unmapped.
+        ring::release(unsafe { &*(arg as *const Ring) });
+    }
 }
 
 /// The calling thread's ring, after a fork (for `ring::reset_after_fork`).
@@ -245,7 +256,11 @@ pub fn decide(t: &Tls, size: usize) -> Decision {
     if STATE.load(Acquire) != RUNNING {
         // Check again after a while: tracing may start later (the
         // constructor has not run yet), or never (disabled, finished).
-        t.countdown.set(if STATE.load(Relaxed) == OFF { 1 << 16 } else { i64::MAX / 4 });
+        t.countdown.set(if STATE.load(Relaxed) == OFF {
+            1 << 16
+        } else {
+            i64::MAX / 4
+        });
         return Decision::Skip;
     }
     if t.guard.get() {
@@ -299,8 +314,21 @@ pub fn record_alloc(t: &Tls, ptr: *mut libc::c_void, size: usize, d: Decision) {
         }
     }
     let stack = capture_stack(t);
-    let kind = if d == Decision::Sample { ring::KIND_SAMPLE } else { ring::KIND_ALLOC };
-    push(t, Event { ts: sys::now_ns(), addr: ptr as u64, size: size as u64, stack, kind });
+    let kind = if d == Decision::Sample {
+        ring::KIND_SAMPLE
+    } else {
+        ring::KIND_ALLOC
+    };
+    push(
+        t,
+        Event {
+            ts: sys::now_ns(),
+            addr: ptr as u64,
+            size: size as u64,
+            stack,
+            kind,
+        },
+    );
     t.guard.set(false);
     sys::set_errno(errno);
 }
@@ -317,14 +345,24 @@ pub fn free_is_recorded(t: &Tls, ptr: *mut libc::c_void) -> bool {
         }
         return false;
     }
-    EXACT.load(Relaxed) || ((ptr as usize) & (sampled::ALIGN - 1) == 0 && sampled::remove(ptr as u64))
+    EXACT.load(Relaxed)
+        || ((ptr as usize) & (sampled::ALIGN - 1) == 0 && sampled::remove(ptr as u64))
 }
 
 /// Records a free; `ts` was read before the real free ran.
 pub fn record_free(t: &Tls, ptr: *mut libc::c_void, ts: u64) {
     let errno = sys::errno();
     t.guard.set(true);
-    push(t, Event { ts, addr: ptr as u64, size: 0, stack: 0, kind: ring::KIND_FREE });
+    push(
+        t,
+        Event {
+            ts,
+            addr: ptr as u64,
+            size: 0,
+            stack: 0,
+            kind: ring::KIND_FREE,
+        },
+    );
     t.guard.set(false);
     sys::set_errno(errno);
 }
@@ -367,7 +405,9 @@ fn push(t: &Tls, ev: Event) {
         if key != usize::MAX {
             // SAFETY: a key created by pthread_key_create; the value is our
             // ring, handed to `thread_exit` when the thread ends.
-            unsafe { libc::pthread_setspecific(key as libc::pthread_key_t, r as *const libc::c_void) };
+            unsafe {
+                libc::pthread_setspecific(key as libc::pthread_key_t, r as *const libc::c_void)
+            };
         }
     }
     // SAFETY: the ring belongs to this thread.

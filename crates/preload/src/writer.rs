@@ -54,7 +54,10 @@ static STOP: AtomicBool = AtomicBool::new(false);
 static WRITE_FAILED: AtomicU64 = AtomicU64::new(0);
 
 fn lock() {
-    while BUSY.compare_exchange_weak(false, true, Acquire, Relaxed).is_err() {
+    while BUSY
+        .compare_exchange_weak(false, true, Acquire, Relaxed)
+        .is_err()
+    {
         sys::yield_now();
     }
 }
@@ -71,7 +74,9 @@ fn unlock() {
 /// stderr) when tracing cannot start.
 pub fn start(cfg: &Config, ppid: u32, forked: bool) -> bool {
     let pid = sys::getpid();
-    let Some((fd, path)) = create_file(cfg, pid) else { return false };
+    let Some((fd, path)) = create_file(cfg, pid) else {
+        return false;
+    };
     let start_mono = sys::now_ns();
     let header = Header {
         version: fmt::FORMAT_VERSION,
@@ -103,7 +108,7 @@ pub fn start(cfg: &Config, ppid: u32, forked: bool) -> bool {
         last_stats: 0,
         broken: false,
     });
-    if !w.reserve(4 << 20) {
+    if !w.reserve(1 << 20) {
         warn_path(b"cannot map the trace file ", path.as_bytes());
         // SAFETY: our own descriptor.
         unsafe { libc::close(fd) };
@@ -184,7 +189,13 @@ extern "C" fn thread_main(_: *mut c_void) -> *mut c_void {
         let mut set: libc::sigset_t = core::mem::zeroed();
         libc::sigfillset(&mut set);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, core::ptr::null_mut());
-        libc::prctl(libc::PR_SET_NAME, c"mtrace-writer".as_ptr() as libc::c_ulong, 0, 0, 0);
+        libc::prctl(
+            libc::PR_SET_NAME,
+            c"mtrace-writer".as_ptr() as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
     }
     loop {
         if STOP.load(Acquire) {
@@ -230,6 +241,7 @@ pub fn before_exec() {
         w.enc.mark(&mut buf, rel, fmt::mark::EXEC, 0);
         w.append(&buf);
         w.buf = buf;
+        w.shrink_to_data();
     }
     unlock();
 }
@@ -295,7 +307,7 @@ impl Writer {
         if need <= self.map_len {
             return true;
         }
-        let mut len = self.map_len.max(HEADER_SIZE + (4 << 20));
+        let mut len = self.map_len.max(HEADER_SIZE + (1 << 20));
         while len < need {
             len = len.saturating_mul(2).min(len + (256 << 20));
         }
@@ -315,7 +327,12 @@ impl Writer {
                     0,
                 )
             } else {
-                libc::mremap(self.map as *mut c_void, self.map_len, len, libc::MREMAP_MAYMOVE)
+                libc::mremap(
+                    self.map as *mut c_void,
+                    self.map_len,
+                    len,
+                    libc::MREMAP_MAYMOVE,
+                )
             };
             if p == libc::MAP_FAILED {
                 return false;
@@ -347,7 +364,8 @@ impl Writer {
             );
         }
         self.pos += bytes.len();
-        self.header_u64(fmt::COMMITTED_OFFSET).store(self.pos as u64, Release);
+        self.header_u64(fmt::COMMITTED_OFFSET)
+            .store(self.pos as u64, Release);
         true
     }
 
@@ -359,21 +377,51 @@ impl Writer {
 
     fn write_info(&mut self, forked: bool, ppid: u32) {
         let mut buf = Vec::new();
-        let exe = std::fs::read_link("/proc/self/exe").map(|p| p.into_os_string()).unwrap_or_default();
-        self.enc.info(&mut buf, b"exe", std::os::unix::ffi::OsStrExt::as_bytes(exe.as_os_str()));
+        let exe = std::fs::read_link("/proc/self/exe")
+            .map(|p| p.into_os_string())
+            .unwrap_or_default();
+        self.enc.info(
+            &mut buf,
+            b"exe",
+            std::os::unix::ffi::OsStrExt::as_bytes(exe.as_os_str()),
+        );
         let mut cmdline = std::fs::read("/proc/self/cmdline").unwrap_or_default();
         if cmdline.last() == Some(&0) {
             cmdline.pop();
         }
         self.enc.info(&mut buf, b"cmdline", &cmdline);
         if let Ok(cwd) = std::env::current_dir() {
-            self.enc.info(&mut buf, b"cwd", std::os::unix::ffi::OsStrExt::as_bytes(cwd.as_os_str()));
+            self.enc.info(
+                &mut buf,
+                b"cwd",
+                std::os::unix::ffi::OsStrExt::as_bytes(cwd.as_os_str()),
+            );
         }
-        self.enc.info(&mut buf, b"tracer", concat!("mtrace-rs ", env!("CARGO_PKG_VERSION")).as_bytes());
+        self.enc.info(
+            &mut buf,
+            b"tracer",
+            concat!("mtrace-rs ", env!("CARGO_PKG_VERSION")).as_bytes(),
+        );
         if forked {
             self.enc.mark(&mut buf, 0, fmt::mark::FORKED, ppid as u64);
         }
         self.append(&buf);
+    }
+
+    /// Cuts the file down to its data and drops the mapping; the next append
+    /// (if exec fails and the program goes on) maps it again.
+    fn shrink_to_data(&mut self) {
+        if self.map.is_null() {
+            return;
+        }
+        // SAFETY: our mapping and descriptor; the mapping is dropped before
+        // the file shrinks, so no page beyond the end stays mapped.
+        unsafe {
+            libc::munmap(self.map as *mut c_void, self.map_len);
+            libc::ftruncate(self.fd, (HEADER_SIZE + self.pos) as libc::off_t);
+        }
+        self.map = core::ptr::null_mut();
+        self.map_len = 0;
     }
 
     fn close(&mut self) {
@@ -414,7 +462,14 @@ impl Writer {
             let ts = e.ts.saturating_sub(self.start_mono);
             match e.kind {
                 ring::KIND_FREE => self.enc.free(&mut buf, ts, e.addr),
-                k => self.enc.alloc(&mut buf, ts, e.addr, e.size, e.stack as u64, k == ring::KIND_SAMPLE),
+                k => self.enc.alloc(
+                    &mut buf,
+                    ts,
+                    e.addr,
+                    e.size,
+                    e.stack as u64,
+                    k == ring::KIND_SAMPLE,
+                ),
             }
         }
         self.stats(&mut buf);
@@ -485,7 +540,8 @@ impl Writer {
                 n += 1;
             }
         }
-        self.enc.stats(buf, now.saturating_sub(self.start_mono), &fields[..n]);
+        self.enc
+            .stats(buf, now.saturating_sub(self.start_mono), &fields[..n]);
     }
 
     /// Records modules loaded since the last look (dlopen, or all at start).
@@ -495,8 +551,13 @@ impl Writer {
             found: Vec<Module>,
             first: bool,
             changed: bool,
+            index: usize,
         }
-        unsafe extern "C" fn cb(info: *mut libc::dl_phdr_info, _size: usize, data: *mut c_void) -> c_int {
+        unsafe extern "C" fn cb(
+            info: *mut libc::dl_phdr_info,
+            _size: usize,
+            data: *mut c_void,
+        ) -> c_int {
             // SAFETY: `data` is the Scan below; `info` is valid for the call.
             let (s, info) = unsafe { (&mut *(data as *mut Scan), &*info) };
             if s.first {
@@ -510,7 +571,8 @@ impl Writer {
             }
             // SAFETY: dlpi_name is a NUL-terminated string (or null).
             let mut path = unsafe { sys::cstr_bytes(info.dlpi_name) }.to_vec();
-            if path.is_empty() && s.found.is_empty() && s.w.modules.is_empty() {
+            s.index += 1;
+            if path.is_empty() && s.index == 1 {
                 // The main program comes first, with an empty name.
                 path = std::fs::read_link("/proc/self/exe")
                     .map(|p| std::os::unix::ffi::OsStrExt::as_bytes(p.as_os_str()).to_vec())
@@ -520,7 +582,13 @@ impl Writer {
             if s.w.modules.iter().any(|(b, p)| *b == bias && *p == path) {
                 return 0;
             }
-            let mut m = Module { ts: 0, bias, path, build_id: Vec::new(), segments: Vec::new() };
+            let mut m = Module {
+                ts: 0,
+                bias,
+                path,
+                build_id: Vec::new(),
+                segments: Vec::new(),
+            };
             for i in 0..info.dlpi_phnum as usize {
                 // SAFETY: dlpi_phdr has dlpi_phnum entries.
                 let ph = unsafe { &*info.dlpi_phdr.add(i) };
@@ -529,7 +597,10 @@ impl Writer {
                 } else if ph.p_type == libc::PT_NOTE && m.build_id.is_empty() {
                     // SAFETY: a PT_NOTE segment of a loaded object is mapped.
                     let notes = unsafe {
-                        core::slice::from_raw_parts(bias.wrapping_add(ph.p_vaddr) as *const u8, ph.p_memsz as usize)
+                        core::slice::from_raw_parts(
+                            bias.wrapping_add(ph.p_vaddr) as *const u8,
+                            ph.p_memsz as usize,
+                        )
                     };
                     m.build_id = build_id(notes).to_vec();
                 }
@@ -537,7 +608,13 @@ impl Writer {
             s.found.push(m);
             0
         }
-        let mut scan = Scan { w: self, found: Vec::new(), first: true, changed: false };
+        let mut scan = Scan {
+            w: self,
+            found: Vec::new(),
+            first: true,
+            changed: false,
+            index: 0,
+        };
         // SAFETY: `cb` matches the callback type and only uses `scan`.
         unsafe { libc::dl_iterate_phdr(Some(cb), &mut scan as *mut Scan as *mut c_void) };
         let Scan { found, changed, .. } = scan;
@@ -578,7 +655,10 @@ fn rss_bytes() -> Option<u64> {
     let mut b = [0u8; 128];
     // SAFETY: a NUL-terminated path; reads into a local buffer.
     let n = unsafe {
-        let fd = libc::open(c"/proc/self/statm".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        let fd = libc::open(
+            c"/proc/self/statm".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        );
         if fd < 0 {
             return None;
         }

@@ -1,0 +1,422 @@
+//! Streaming aggregation of a trace: replays ALLOC and FREE records into the
+//! set of blocks still live at the end, and keeps the small tables (stacks,
+//! modules, process facts, drop counters) a report needs.
+//!
+//! **Invariant:** memory is proportional to the live blocks, the recently
+//! freed addresses (see below) and the distinct stacks, never to the file.
+//!
+//! # Events that arrive out of order
+//!
+//! The tracer's writer merges per-thread rings in batches sorted by time
+//! stamp, so across batches an event can arrive late: a free on thread B may
+//! come before the alloc on thread A that it frees. Time stamps are right,
+//! and for one address `alloc.ts < free.ts < next alloc.ts` always holds. So
+//! the analyzer keeps, per address, the *latest* event by time stamp: a live
+//! block, or a "dead" marker (a tombstone) remembering when the address was
+//! last freed. An event older than what the slot holds is history that
+//! already happened: an older ALLOC is a block that was born and died, an
+//! older FREE frees such a block. Tombstones are evicted once they are older
+//! than [`REORDER_WINDOW_NS`] of trace time, which bounds memory by the
+//! addresses freed in that window (the allocator reuses addresses, so this
+//! stays near the peak object count).
+//!
+//! A FREE that matches no live block is counted as *unmatched*; each ALLOC
+//! that arrives older than its slot pairs with exactly one such free (it was
+//! freed before the slot's event, in one order of arrival or the other), so
+//! `frees of unknown blocks = unmatched - late allocs`: in exact mode these
+//! are the frees of blocks allocated before tracing began.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use mtrace_format::{DecodeError, Decoder, DropReason, Ending, Header, Module, Record};
+
+use crate::fxhash::FxHashMap;
+
+/// How late (in trace time) an event may arrive and still be ordered right.
+/// The tracer bounds its delay to tens of milliseconds; two seconds is a
+/// wide margin.
+pub const REORDER_WINDOW_NS: u64 = 2_000_000_000;
+
+/// How often (in trace time) tombstones older than the window are swept.
+const SWEEP_INTERVAL_NS: u64 = 1_000_000_000;
+
+/// What one address was doing at its latest known event.
+#[derive(Clone, Copy, Debug)]
+enum Slot {
+    /// A block allocated at `ts` and not freed (yet).
+    Live(LiveBlock),
+    /// The address was last freed at `ts`.
+    Dead { ts: u64 },
+}
+
+/// A block live at the end of the trace (or at the current point of reading).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LiveBlock {
+    /// When it was allocated, ns since the trace started.
+    pub ts: u64,
+    /// Requested size in bytes.
+    pub size: u64,
+    /// Stack id; 0 = unknown.
+    pub stack: u64,
+    /// True for a Poisson sample, false for a block recorded with certainty.
+    pub sampled: bool,
+}
+
+/// How the trace file ended, as the report shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TraceEnding {
+    /// The tracer wrote its END record.
+    Clean,
+    /// No END record: the process was killed or exited abruptly.
+    CutOff,
+    /// The file is shorter than its header says.
+    Truncated { expected: u64, read: u64 },
+    /// A damaged record stopped the reading; what came before it was used.
+    Corrupt { detail: String },
+}
+
+impl TraceEnding {
+    /// The short name used in JSON.
+    pub fn name(&self) -> &'static str {
+        match self {
+            TraceEnding::Clean => "clean",
+            TraceEnding::CutOff => "cut_off",
+            TraceEnding::Truncated { .. } => "truncated",
+            TraceEnding::Corrupt { .. } => "corrupt",
+        }
+    }
+
+    /// A human sentence for the ending, without the "file:" prefix.
+    pub fn describe(&self) -> String {
+        match self {
+            TraceEnding::Clean => "ended cleanly".into(),
+            TraceEnding::CutOff => "cut off without a clean end: the process was killed or \
+                 exited abruptly; read up to the last whole record"
+                .into(),
+            TraceEnding::Truncated { expected, read } => format!(
+                "truncated: the header promises {expected} bytes of records, \
+                 the file holds {read}; read up to the last whole record"
+            ),
+            TraceEnding::Corrupt { detail } => {
+                format!("{detail}; the report covers the records before it")
+            }
+        }
+    }
+}
+
+/// A process event from a MARK record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mark {
+    pub ts: u64,
+    pub what: u64,
+    pub value: u64,
+}
+
+/// Everything the analyzer keeps from one trace.
+#[derive(Debug)]
+pub struct Trace {
+    pub header: Header,
+    /// INFO "exe".
+    pub exe: Option<String>,
+    /// INFO "cmdline", split at NUL bytes.
+    pub cmdline: Vec<String>,
+    /// INFO "cwd".
+    pub cwd: Option<String>,
+    /// Every MODULE record, in file order (later ones win on overlap).
+    pub modules: Vec<Module>,
+    /// Stack id -> return addresses, innermost first.
+    pub stacks: FxHashMap<u64, Box<[u64]>>,
+    /// ALLOC and SAMPLE records read.
+    pub allocs: u64,
+    /// FREE records read.
+    pub frees: u64,
+    /// An ALLOC for an address whose block was still live with an older
+    /// time stamp: the older block's free was lost.
+    pub lost_frees: u64,
+    /// Latest running total per drop reason.
+    pub dropped: BTreeMap<DropReason, u64>,
+    pub marks: Vec<Mark>,
+    /// The latest time stamp seen, ns since the trace started.
+    pub last_ts: u64,
+    /// How reading ended; `None` while reading.
+    pub ending: Option<TraceEnding>,
+    slots: FxHashMap<u64, Slot>,
+    unmatched_frees: u64,
+    late_allocs: u64,
+    last_sweep_ts: u64,
+}
+
+impl Trace {
+    /// An empty trace for a file with this header.
+    pub fn new(header: Header) -> Trace {
+        Trace {
+            header,
+            exe: None,
+            cmdline: Vec::new(),
+            cwd: None,
+            modules: Vec::new(),
+            stacks: FxHashMap::default(),
+            allocs: 0,
+            frees: 0,
+            lost_frees: 0,
+            dropped: BTreeMap::new(),
+            marks: Vec::new(),
+            last_ts: 0,
+            ending: None,
+            slots: FxHashMap::default(),
+            unmatched_frees: 0,
+            late_allocs: 0,
+            last_sweep_ts: 0,
+        }
+    }
+
+    /// True when every allocation and free was recorded (sample rate 1).
+    pub fn exact(&self) -> bool {
+        self.header.sample_rate <= 1
+    }
+
+    /// Frees of blocks this trace never saw allocated: in exact mode, blocks
+    /// allocated before tracing began.
+    pub fn frees_of_unknown(&self) -> u64 {
+        self.unmatched_frees.saturating_sub(self.late_allocs)
+    }
+
+    /// Total events dropped by the tracer, over all reasons.
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped.values().sum()
+    }
+
+    /// The blocks live now, in no particular order.
+    pub fn live_blocks(&self) -> impl Iterator<Item = &LiveBlock> + '_ {
+        self.slots.values().filter_map(|s| match s {
+            Slot::Live(b) => Some(b),
+            Slot::Dead { .. } => None,
+        })
+    }
+
+    /// Feeds one record.
+    pub fn record(&mut self, rec: Record) {
+        match rec {
+            Record::Info { key, value } => match &key[..] {
+                b"exe" => self.exe = Some(String::from_utf8_lossy(&value).into_owned()),
+                b"cwd" => self.cwd = Some(String::from_utf8_lossy(&value).into_owned()),
+                b"cmdline" => {
+                    let v = value.strip_suffix(b"\0").unwrap_or(&value);
+                    self.cmdline = v
+                        .split(|&b| b == 0)
+                        .map(|a| String::from_utf8_lossy(a).into_owned())
+                        .collect();
+                }
+                // Keys this analyzer does not know are for newer analyzers.
+                _ => {}
+            },
+            Record::Module(m) => {
+                self.see_ts(m.ts);
+                self.modules.push(m);
+            }
+            Record::Stack { id, frames } => {
+                self.stacks.insert(id, frames.into_boxed_slice());
+            }
+            Record::Alloc {
+                ts,
+                addr,
+                size,
+                stack,
+                sampled,
+            } => {
+                self.see_ts(ts);
+                self.alloc(
+                    addr,
+                    LiveBlock {
+                        ts,
+                        size,
+                        stack,
+                        sampled,
+                    },
+                );
+            }
+            Record::Free { ts, addr } => {
+                self.see_ts(ts);
+                self.free(addr, ts);
+            }
+            Record::Dropped { reason, total } => {
+                self.dropped.insert(reason, total);
+            }
+            Record::Stats { ts, .. } => self.see_ts(ts),
+            Record::End { ts } => self.see_ts(ts),
+            Record::Mark { ts, what, value } => {
+                self.see_ts(ts);
+                self.marks.push(Mark { ts, what, value });
+            }
+        }
+    }
+
+    fn see_ts(&mut self, ts: u64) {
+        if ts > self.last_ts {
+            self.last_ts = ts;
+        }
+        if self.last_ts - self.last_sweep_ts >= SWEEP_INTERVAL_NS {
+            self.sweep();
+        }
+    }
+
+    /// Drops tombstones older than the reorder window.
+    fn sweep(&mut self) {
+        self.last_sweep_ts = self.last_ts;
+        let horizon = self.last_ts.saturating_sub(REORDER_WINDOW_NS);
+        self.slots
+            .retain(|_, s| !matches!(s, Slot::Dead { ts } if *ts < horizon));
+    }
+
+    fn alloc(&mut self, addr: u64, block: LiveBlock) {
+        self.allocs += 1;
+        let slot = self.slots.entry(addr).or_insert(Slot::Dead { ts: 0 });
+        match *slot {
+            Slot::Live(old) if old.ts <= block.ts => {
+                // The older block's free never arrived (lost, or dropped by
+                // the tracer): the new block replaces it.
+                self.lost_frees += 1;
+                *slot = Slot::Live(block);
+            }
+            Slot::Dead { ts } if ts <= block.ts => *slot = Slot::Live(block),
+            // The slot holds a later event: this block was freed before it,
+            // by a free that was (or will be) counted as unmatched.
+            _ => self.late_allocs += 1,
+        }
+    }
+
+    fn free(&mut self, addr: u64, ts: u64) {
+        self.frees += 1;
+        match self.slots.get_mut(&addr) {
+            Some(slot @ Slot::Live(_)) => {
+                let Slot::Live(b) = *slot else { unreachable!() };
+                if b.ts < ts {
+                    *slot = Slot::Dead { ts };
+                } else {
+                    // Frees a block older than the live one.
+                    self.unmatched_frees += 1;
+                }
+            }
+            Some(Slot::Dead { ts: dead }) => {
+                // A free after a free: its alloc is late, or a double free,
+                // or the block predates the trace.
+                self.unmatched_frees += 1;
+                if *dead < ts {
+                    *dead = ts;
+                }
+            }
+            None => {
+                self.unmatched_frees += 1;
+                self.slots.insert(addr, Slot::Dead { ts });
+            }
+        }
+    }
+}
+
+/// Reads a whole trace. Fails only when the file is not a readable trace at
+/// all (empty, foreign, newer version, unreadable header); damage later in
+/// the stream ends the reading with [`TraceEnding::Corrupt`] and keeps what
+/// was read before it.
+pub fn read_trace<R: Read>(reader: R) -> Result<Trace, DecodeError> {
+    let mut dec = Decoder::new(reader)?;
+    let mut trace = Trace::new(dec.header().clone());
+    loop {
+        match dec.next() {
+            Ok(Some(rec)) => trace.record(rec),
+            Ok(None) => {
+                trace.ending = Some(match dec.ending() {
+                    Ending::Clean => TraceEnding::Clean,
+                    Ending::Truncated { expected, read } => TraceEnding::Truncated {
+                        expected: *expected,
+                        read: *read,
+                    },
+                    Ending::CutOff | Ending::Reading => TraceEnding::CutOff,
+                });
+                break;
+            }
+            Err(e) => {
+                trace.ending = Some(TraceEnding::Corrupt {
+                    detail: e.to_string(),
+                });
+                break;
+            }
+        }
+    }
+    Ok(trace)
+}
+
+/// What one recorded block stands for once sampling is undone.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Weight {
+    /// Estimated bytes.
+    pub bytes: f64,
+    /// Estimated objects.
+    pub objects: f64,
+    /// Estimated variance of `bytes` (0 for a block recorded with certainty).
+    pub bytes_var: f64,
+}
+
+/// Undoes Poisson sampling for one recorded block.
+///
+/// The tracer samples by bytes as jemalloc does (`src/prof.c`,
+/// `prof_sample_event`): a geometric countdown with mean `rate` bytes, so each
+/// byte is sampled independently with probability `1/rate` and a block of
+/// `size` bytes is caught with probability `p = 1 - exp(-size/rate)`. Weighting
+/// each caught block by `1/p` (the Horvitz–Thompson estimator) makes the sums
+/// unbiased: a sample stands for `size/p` bytes and `1/p` objects. Blocks
+/// recorded with certainty (exact mode, or at least `rate` bytes) weigh 1.
+///
+/// The variance of that estimator under Poisson sampling is estimated from
+/// the sample itself as `sum over samples of (1 - p) * (size/p)^2` (Särndal,
+/// Swensson & Wretman, *Model Assisted Survey Sampling*, eq. 3.3.7). For many
+/// samples of equal size with small `p`, the relative error reduces to the
+/// familiar `1/sqrt(samples)`.
+pub fn weight(size: u64, sampled: bool, rate: u64) -> Weight {
+    if !sampled || rate <= 1 {
+        return Weight {
+            bytes: size as f64,
+            objects: 1.0,
+            bytes_var: 0.0,
+        };
+    }
+    if size == 0 {
+        // A zero-byte block cannot be caught by a byte countdown; if one is
+        // recorded anyway, count it once.
+        return Weight {
+            bytes: 0.0,
+            objects: 1.0,
+            bytes_var: 0.0,
+        };
+    }
+    // -expm1(-x) is 1 - exp(-x) without cancellation for small x.
+    let p = -(-(size as f64) / rate as f64).exp_m1();
+    let bytes = size as f64 / p;
+    Weight {
+        bytes,
+        objects: 1.0 / p,
+        bytes_var: (1.0 - p) * bytes * bytes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weight_of_a_sample_is_size_over_probability() {
+        let w = weight(100, true, 1000);
+        let p = 1.0 - (-0.1f64).exp();
+        assert!((w.bytes - 100.0 / p).abs() < 1e-9);
+        assert!((w.objects - 1.0 / p).abs() < 1e-12);
+        assert_eq!(weight(100, false, 1000).bytes, 100.0);
+        assert_eq!(weight(100, true, 1).bytes, 100.0);
+        assert_eq!(weight(0, true, 1000).objects, 1.0);
+    }
+
+    #[test]
+    fn huge_blocks_weigh_their_size() {
+        let w = weight(1 << 30, true, 512 * 1024);
+        assert!((w.bytes - (1u64 << 30) as f64).abs() < 1.0);
+    }
+}

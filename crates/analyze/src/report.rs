@@ -1,0 +1,631 @@
+//! The outstanding-memory report: the blocks live at the end of a trace,
+//! grouped by allocating function (wrappers folded away) or by stack, with
+//! estimates undone from sampling, rendered as text or JSON.
+//!
+//! Aggregation happens in two steps so that symbolization stays small: live
+//! blocks are first summed per stack id (no symbols needed), then each stack
+//! that holds memory is symbolized only as far as its first non-wrapper frame
+//! to find its group; full stacks are symbolized only for the groups shown.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{self, Write};
+
+use mtrace_format::mark;
+use serde::Serialize;
+
+use crate::analysis::{weight, Trace, TraceEnding};
+use crate::folds::Folds;
+use crate::fxhash::FxHashMap;
+use crate::symbolize::{Frame, Symbolizer};
+
+/// The label of a group whose stack was never written to the file (or whose
+/// events carry stack id 0).
+pub const NO_STACK: &str = "<stack not recorded>";
+
+/// How to group live blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupBy {
+    /// By the first frame that is not an allocator wrapper.
+    Function,
+    /// By the whole stack.
+    Stack,
+}
+
+/// What to report.
+#[derive(Clone, Debug)]
+pub struct ReportOptions {
+    pub by: GroupBy,
+    /// Show at most this many groups.
+    pub top: usize,
+    /// Hide groups holding fewer bytes.
+    pub min_bytes: u64,
+    pub folds: Folds,
+}
+
+impl Default for ReportOptions {
+    fn default() -> Self {
+        ReportOptions {
+            by: GroupBy::Function,
+            top: 20,
+            min_bytes: 0,
+            folds: Folds::with_defaults(),
+        }
+    }
+}
+
+/// The whole report; its JSON form is the `--format json` output.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub trace: TraceSummary,
+    pub totals: Totals,
+    pub callers: Vec<Caller>,
+    /// Groups before `--top` and `--min-bytes`.
+    #[serde(skip)]
+    pub groups: usize,
+}
+
+/// Facts about the traced process and the file.
+#[derive(Clone, Debug, Serialize)]
+pub struct TraceSummary {
+    pub path: String,
+    pub pid: u32,
+    pub ppid: u32,
+    pub exe: String,
+    pub cmdline: Vec<String>,
+    pub mode: &'static str,
+    pub sample_rate: u64,
+    pub duration_ns: u64,
+    pub ending: &'static str,
+    pub ending_detail: Option<String>,
+    pub allocs: u64,
+    pub frees: u64,
+    pub frees_of_unknown: u64,
+    pub stacks: u64,
+    pub marks: Vec<MarkOut>,
+    pub dropped: DroppedOut,
+    #[serde(skip)]
+    pub start_realtime_ns: u64,
+    #[serde(skip)]
+    pub lost_frees: u64,
+}
+
+/// A MARK record.
+#[derive(Clone, Debug, Serialize)]
+pub struct MarkOut {
+    pub ts: u64,
+    /// `"forked"`, `"exec"`, or the number for a kind this analyzer does not
+    /// know.
+    pub what: serde_json::Value,
+    pub value: u64,
+}
+
+/// Events the tracer could not record.
+#[derive(Clone, Debug, Serialize)]
+pub struct DroppedOut {
+    pub total: u64,
+    pub by_reason: BTreeMap<String, u64>,
+}
+
+/// Everything outstanding at the end.
+#[derive(Clone, Debug, Serialize)]
+pub struct Totals {
+    pub bytes: u64,
+    pub objects: u64,
+    pub estimated: bool,
+}
+
+/// One group of outstanding blocks.
+#[derive(Clone, Debug, Serialize)]
+pub struct Caller {
+    pub rank: usize,
+    pub function: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub module: Option<String>,
+    pub bytes: u64,
+    pub objects: u64,
+    /// Recorded events behind the estimate.
+    pub samples: u64,
+    pub share: f64,
+    pub estimated: bool,
+    /// One standard error relative to `bytes` (a 68% interval), when
+    /// estimated.
+    pub rel_error: Option<f64>,
+    /// A representative stack, innermost first, inlined frames expanded.
+    pub stack: Vec<FrameOut>,
+    /// Module offset of the top location (names it when the function is
+    /// unknown).
+    #[serde(skip)]
+    pub offset: u64,
+}
+
+/// One frame of a reported stack.
+#[derive(Clone, Debug, Serialize)]
+pub struct FrameOut {
+    /// The return address as recorded.
+    pub address: String,
+    pub function: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub module: Option<String>,
+    pub inlined: bool,
+    #[serde(skip)]
+    pub offset: u64,
+}
+
+/// Sums for one stack id or one group.
+#[derive(Clone, Copy, Debug, Default)]
+struct Agg {
+    bytes: f64,
+    objects: f64,
+    var: f64,
+    samples: u64,
+    estimated: bool,
+}
+
+impl Agg {
+    fn add(&mut self, o: &Agg) {
+        self.bytes += o.bytes;
+        self.objects += o.objects;
+        self.var += o.var;
+        self.samples += o.samples;
+        self.estimated |= o.estimated;
+    }
+}
+
+/// What a group is keyed by.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Key {
+    NoStack,
+    Stack(u64),
+    /// Function name and module; an unnamed frame is keyed by its module
+    /// offset so that different unknown functions stay apart.
+    Function {
+        function: Option<String>,
+        module: Option<String>,
+        offset: Option<u64>,
+    },
+}
+
+/// Caches symbolized addresses so each is resolved once.
+struct SymCache<'a> {
+    sym: &'a mut dyn Symbolizer,
+    cache: FxHashMap<u64, Vec<Frame>>,
+}
+
+impl SymCache<'_> {
+    fn frames(&mut self, ret: u64) -> &[Frame] {
+        let sym = &mut *self.sym;
+        self.cache.entry(ret).or_insert_with(|| sym.symbolize(ret))
+    }
+
+    /// The first frame of a stack that is not a wrapper, as (address index,
+    /// frame). Falls back to the innermost frame when everything folds.
+    fn key_frame(&mut self, stack: &[u64], folds: &Folds) -> Option<(usize, Frame)> {
+        for (i, &ret) in stack.iter().enumerate() {
+            for f in self.frames(ret) {
+                match &f.function {
+                    Some(name) if folds.is_wrapper(name) => continue,
+                    _ => return Some((i, f.clone())),
+                }
+            }
+        }
+        let first = *stack.first()?;
+        self.frames(first).first().cloned().map(|f| (0, f))
+    }
+}
+
+/// Builds the report for a trace read from `path`.
+pub fn build_report(
+    trace: &Trace,
+    path: &str,
+    sym: &mut dyn Symbolizer,
+    opts: &ReportOptions,
+) -> Report {
+    let rate = trace.header.sample_rate;
+    // Step 1: sum live blocks per stack id.
+    let mut per_stack: FxHashMap<u64, Agg> = FxHashMap::default();
+    for b in trace.live_blocks() {
+        let w = weight(b.size, b.sampled, rate);
+        let a = per_stack.entry(b.stack).or_default();
+        a.add(&Agg {
+            bytes: w.bytes,
+            objects: w.objects,
+            var: w.bytes_var,
+            samples: 1,
+            estimated: b.sampled && rate > 1,
+        });
+    }
+    let mut total = Agg::default();
+    for a in per_stack.values() {
+        total.add(a);
+    }
+
+    // Step 2: group stacks.
+    let mut cache = SymCache {
+        sym,
+        cache: FxHashMap::default(),
+    };
+    let mut groups: FxHashMap<Key, (Agg, u64, f64)> = FxHashMap::default();
+    let mut stack_ids: Vec<u64> = per_stack.keys().copied().collect();
+    stack_ids.sort_unstable();
+    for id in stack_ids {
+        let agg = per_stack[&id];
+        let frames = trace.stacks.get(&id).filter(|_| id != 0);
+        let key = match (frames, opts.by) {
+            (None, _) => Key::NoStack,
+            (Some(_), GroupBy::Stack) => Key::Stack(id),
+            (Some(f), GroupBy::Function) => match cache.key_frame(f, &opts.folds) {
+                None => Key::NoStack,
+                Some((_, fr)) => Key::Function {
+                    offset: fr.function.is_none().then_some(fr.offset),
+                    function: fr.function,
+                    module: fr.module,
+                },
+            },
+        };
+        let g = groups.entry(key).or_insert((Agg::default(), id, f64::MIN));
+        g.0.add(&agg);
+        // The representative stack is the one holding the most bytes.
+        if agg.bytes > g.2 {
+            g.1 = id;
+            g.2 = agg.bytes;
+        }
+    }
+    let n_groups = groups.len();
+    let mut groups: Vec<(Key, Agg, u64)> = groups
+        .into_iter()
+        .map(|(k, (a, rep, _))| (k, a, rep))
+        .collect();
+    groups.sort_by(|a, b| b.1.bytes.total_cmp(&a.1.bytes).then_with(|| a.0.cmp(&b.0)));
+
+    let mut callers = Vec::new();
+    for (key, agg, rep) in groups {
+        if callers.len() >= opts.top {
+            break;
+        }
+        if agg.bytes.round() < opts.min_bytes as f64 {
+            continue;
+        }
+        let rel_error = (agg.estimated && agg.bytes > 0.0).then(|| agg.var.sqrt() / agg.bytes);
+        let share = if total.bytes > 0.0 {
+            agg.bytes / total.bytes
+        } else {
+            0.0
+        };
+        let mut caller = Caller {
+            rank: callers.len() + 1,
+            function: None,
+            file: None,
+            line: None,
+            module: None,
+            bytes: agg.bytes.round() as u64,
+            objects: agg.objects.round() as u64,
+            samples: agg.samples,
+            share,
+            estimated: agg.estimated,
+            rel_error,
+            stack: Vec::new(),
+            offset: 0,
+        };
+        match (key, trace.stacks.get(&rep).filter(|_| rep != 0)) {
+            (Key::NoStack, _) | (_, None) => caller.function = Some(NO_STACK.to_string()),
+            (_, Some(stack)) => {
+                if let Some((_, f)) = cache.key_frame(stack, &opts.folds) {
+                    caller.function = f.function;
+                    caller.file = f.file;
+                    caller.line = f.line;
+                    caller.module = f.module;
+                    caller.offset = f.offset;
+                }
+                for &ret in stack.iter() {
+                    for f in cache.frames(ret) {
+                        caller.stack.push(FrameOut {
+                            address: format!("{ret:#x}"),
+                            function: f.function.clone(),
+                            file: f.file.clone(),
+                            line: f.line,
+                            module: f.module.clone(),
+                            inlined: f.inlined,
+                            offset: f.offset,
+                        });
+                    }
+                }
+            }
+        }
+        callers.push(caller);
+    }
+
+    Report {
+        trace: summarize(trace, path),
+        totals: Totals {
+            bytes: total.bytes.round() as u64,
+            objects: total.objects.round() as u64,
+            estimated: total.estimated,
+        },
+        callers,
+        groups: n_groups,
+    }
+}
+
+fn summarize(trace: &Trace, path: &str) -> TraceSummary {
+    let h = &trace.header;
+    let ending = trace.ending.clone().unwrap_or(TraceEnding::CutOff);
+    TraceSummary {
+        path: path.to_string(),
+        pid: h.pid,
+        ppid: h.ppid,
+        exe: trace.exe.clone().unwrap_or_default(),
+        cmdline: trace.cmdline.clone(),
+        mode: if trace.exact() { "exact" } else { "sampled" },
+        sample_rate: h.sample_rate,
+        duration_ns: trace.last_ts,
+        ending: ending.name(),
+        ending_detail: (ending != TraceEnding::Clean).then(|| ending.describe()),
+        allocs: trace.allocs,
+        frees: trace.frees,
+        frees_of_unknown: trace.frees_of_unknown(),
+        stacks: trace.stacks.len() as u64,
+        marks: trace
+            .marks
+            .iter()
+            .map(|m| MarkOut {
+                ts: m.ts,
+                what: match m.what {
+                    mark::FORKED => "forked".into(),
+                    mark::EXEC => "exec".into(),
+                    n => n.into(),
+                },
+                value: m.value,
+            })
+            .collect(),
+        dropped: DroppedOut {
+            total: trace.dropped_total(),
+            by_reason: trace
+                .dropped
+                .iter()
+                .map(|(r, n)| (r.describe(), *n))
+                .collect(),
+        },
+        start_realtime_ns: h.start_realtime_ns,
+        lost_frees: trace.lost_frees,
+    }
+}
+
+/// Writes the report as one JSON object and a newline.
+pub fn write_json(report: &Report, out: &mut dyn Write) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, report)?;
+    writeln!(out)
+}
+
+/// `1234567` as `1,234,567`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string().into_bytes();
+    let groups: Vec<&[u8]> = digits.rchunks(3).rev().collect();
+    String::from_utf8(groups.join(&b","[..])).unwrap_or_default()
+}
+
+/// Nanoseconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn utc(ns: u64) -> String {
+    let secs = ns / 1_000_000_000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// `1 object`, `2 objects`, `1,000 objects`.
+fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{} {}", thousands(n), if n == 1 { one } else { many })
+}
+
+fn seconds(ns: u64) -> String {
+    format!("{:.3} s", ns as f64 / 1e9)
+}
+
+fn basename(p: &str) -> &str {
+    p.rsplit('/').next().unwrap_or(p)
+}
+
+/// How a frame is named in text: its function, else `module+0xoffset`, else
+/// the bare address.
+fn frame_name(function: &Option<String>, module: &Option<String>, offset: u64) -> String {
+    match (function, module) {
+        (Some(f), _) => f.clone(),
+        (None, Some(m)) if !m.is_empty() => format!("{m}+{offset:#x}"),
+        (None, Some(_)) => format!("[unnamed]+{offset:#x}"),
+        (None, None) => format!("{offset:#x}"),
+    }
+}
+
+/// Where a frame is in text: `file.c:42`, else the module.
+fn frame_place(file: &Option<String>, line: Option<u32>, module: &Option<String>) -> String {
+    match (file, line) {
+        (Some(f), Some(l)) => format!("{}:{l}", basename(f)),
+        (Some(f), None) => basename(f).to_string(),
+        (None, _) => module.clone().unwrap_or_default(),
+    }
+}
+
+/// Writes the human-readable report.
+pub fn write_text(report: &Report, out: &mut dyn Write) -> io::Result<()> {
+    let mut s = String::new();
+    let t = &report.trace;
+    let exe = if t.exe.is_empty() { "?" } else { &t.exe };
+    let _ = writeln!(
+        s,
+        "mtrace-rs report for {exe} (pid {}, parent {})",
+        t.pid, t.ppid
+    );
+    if !t.cmdline.is_empty() {
+        let _ = writeln!(s, "  command:   {}", t.cmdline.join(" "));
+    }
+    let mode = if t.mode == "exact" {
+        "exact mode (every allocation and free)".to_string()
+    } else {
+        format!(
+            "sampled mode (about one sample per {} bytes allocated; \
+             ~ marks estimates)",
+            thousands(t.sample_rate)
+        )
+    };
+    let _ = writeln!(
+        s,
+        "  recorded:  {} for {}, {mode}",
+        utc(t.start_realtime_ns),
+        seconds(t.duration_ns)
+    );
+    let dropped = if t.dropped.total == 0 {
+        "none".to_string()
+    } else {
+        let reasons: Vec<String> = t
+            .dropped
+            .by_reason
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(r, n)| format!("{r}: {}", thousands(*n)))
+            .collect();
+        format!(
+            "{} events ({})",
+            thousands(t.dropped.total),
+            reasons.join("; ")
+        )
+    };
+    let _ = writeln!(
+        s,
+        "  events:    {} allocations, {} frees, {} stacks; dropped: {dropped}",
+        thousands(t.allocs),
+        thousands(t.frees),
+        thousands(t.stacks)
+    );
+    if t.frees_of_unknown > 0 || t.lost_frees > 0 {
+        let mut parts = Vec::new();
+        if t.frees_of_unknown > 0 {
+            parts.push(format!(
+                "{} of blocks allocated before tracing or never recorded (ignored)",
+                count(t.frees_of_unknown, "free", "frees")
+            ));
+        }
+        if t.lost_frees > 0 {
+            parts.push(format!(
+                "{} allocated again at the same address without a recorded free",
+                count(t.lost_frees, "block", "blocks")
+            ));
+        }
+        let _ = writeln!(s, "  unmatched: {}", parts.join("; "));
+    }
+    if !t.marks.is_empty() {
+        let marks: Vec<String> = t
+            .marks
+            .iter()
+            .map(|m| match m.what.as_str() {
+                Some("forked") => format!("forked from pid {} at {}", t.ppid, seconds(m.ts)),
+                Some("exec") => format!("exec at {}", seconds(m.ts)),
+                _ => format!("event {} ({}) at {}", m.what, m.value, seconds(m.ts)),
+            })
+            .collect();
+        let _ = writeln!(s, "  process:   {}", marks.join("; "));
+    }
+    let _ = writeln!(
+        s,
+        "  file:      {}",
+        t.ending_detail.as_deref().unwrap_or("ended cleanly")
+    );
+    let tilde = if report.totals.estimated { "~" } else { "" };
+    if report.totals.objects == 0 && report.totals.bytes == 0 {
+        let _ = writeln!(s, "Outstanding at end: nothing");
+    } else {
+        let _ = writeln!(
+            s,
+            "Outstanding at end: {tilde}{} in {tilde}{} from {}",
+            count(report.totals.bytes, "byte", "bytes"),
+            count(report.totals.objects, "object", "objects"),
+            count(report.groups as u64, "caller", "callers"),
+        );
+    }
+    if report.callers.iter().any(|c| c.estimated) {
+        let _ = writeln!(
+            s,
+            "  (~: scaled up from Poisson samples; ±: one standard error, a 68% interval, \
+             from the Horvitz-Thompson variance of the samples)"
+        );
+    }
+    for c in &report.callers {
+        s.push('\n');
+        let tilde = if c.estimated { "~" } else { "" };
+        let err = match c.rel_error {
+            Some(e) => format!(" ±{:.0}%", e * 100.0),
+            None => String::new(),
+        };
+        let samples = if c.estimated {
+            format!(" ({})", count(c.samples, "sample", "samples"))
+        } else {
+            String::new()
+        };
+        let name = frame_name(&c.function, &c.module, c.offset);
+        let place = match (&c.file, c.line) {
+            (Some(f), Some(l)) => format!(" ({}:{l})", basename(f)),
+            _ => String::new(),
+        };
+        let module = match &c.module {
+            Some(m) if !m.is_empty() => format!("  [{m}]"),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            s,
+            "  #{:<2} {tilde}{} B{err}  {:.1}%  {tilde}{}{samples}  {name}{place}{module}",
+            c.rank,
+            thousands(c.bytes),
+            c.share * 100.0,
+            count(c.objects, "object", "objects"),
+        );
+        for f in &c.stack {
+            let name = frame_name(&f.function, &f.module, f.offset);
+            let place = frame_place(&f.file, f.line, &f.module);
+            let inl = if f.inlined { "  (inlined)" } else { "" };
+            let _ = writeln!(s, "        {name:<24} {place}{inl}");
+        }
+    }
+    let shown: u64 = report.callers.iter().map(|c| c.bytes).sum();
+    let hidden = report.groups.saturating_sub(report.callers.len());
+    if hidden > 0 {
+        let _ = writeln!(
+            s,
+            "\n  ... and {} more holding {}{} (see --top and --min-bytes)",
+            count(hidden as u64, "caller", "callers"),
+            tilde,
+            count(report.totals.bytes.saturating_sub(shown), "byte", "bytes")
+        );
+    }
+    out.write_all(s.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_numbers_and_dates() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(123_456_789), "123,456,789");
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(1_700_000_000_000_000_000), "2023-11-14 22:13:20 UTC");
+        assert_eq!(utc(951_782_400_000_000_000), "2000-02-29 00:00:00 UTC");
+    }
+}

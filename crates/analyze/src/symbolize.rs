@@ -1,0 +1,467 @@
+//! Offline symbolization: turns the return addresses of a stack into
+//! functions, source lines and modules, using the binaries and debug files on
+//! disk (the traced process recorded only module maps and build-ids).
+//!
+//! The [`Symbolizer`] trait keeps the report independent of ELF files, so
+//! tests can aggregate with a synthetic symbolizer. [`ElfSymbolizer`] is the
+//! real one: for each module it opens the file once (checking the recorded
+//! build-id), finds separate debug info, and asks `addr2line` (gimli) for
+//! function, file, line and inlined frames, falling back to the ELF symbol
+//! table (`.symtab`, else `.dynsym`) for the function name.
+//!
+//! **Invariant:** one loaded context per module, loaded on first use; the
+//! files are memory-mapped by `addr2line`, not read into memory.
+
+use std::borrow::Cow;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use mtrace_format::Module;
+use object::{Object, ObjectSection};
+
+/// One symbolized frame. An address can expand to several: the inlined
+/// functions first (innermost), then the function that holds the code.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Frame {
+    /// Demangled function name, `None` when unknown.
+    pub function: Option<String>,
+    /// Source file as recorded in the debug info.
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    /// Basename of the module (`libc.so.6`), `None` when the address lies in
+    /// no recorded module.
+    pub module: Option<String>,
+    /// The address relative to the module's load bias (for `module+0x..`).
+    pub offset: u64,
+    /// True for a frame inlined into the next one.
+    pub inlined: bool,
+}
+
+/// Resolves return addresses.
+pub trait Symbolizer {
+    /// The frames for return address `ret` as recorded in a stack (the
+    /// symbolizer looks up `ret - 1`, inside the call instruction), innermost
+    /// inlined frame first. Never empty.
+    fn symbolize(&mut self, ret: u64) -> Vec<Frame>;
+
+    /// Warnings collected so far (missing files, build-id mismatches), each
+    /// said once; the caller prints them.
+    fn take_warnings(&mut self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// Demangles a Rust (legacy or v0) or C++ symbol; other names pass through.
+pub fn demangle(name: &str) -> String {
+    if let Ok(d) = rustc_demangle::try_demangle(name) {
+        // `{:#}` leaves out the hash suffix.
+        return format!("{d:#}");
+    }
+    if name.starts_with("_Z") {
+        if let Ok(sym) = cpp_demangle::Symbol::new(name) {
+            if let Ok(d) = sym.demangle(&Default::default()) {
+                return d;
+            }
+        }
+    }
+    name.to_string()
+}
+
+/// The basename of a module path, or the path itself when it has none.
+pub fn module_name(path: &[u8]) -> String {
+    let s = String::from_utf8_lossy(path);
+    match s.rsplit_once('/') {
+        Some((_, base)) if !base.is_empty() => base.to_string(),
+        _ => s.into_owned(),
+    }
+}
+
+enum LoadState {
+    NotTried,
+    /// `primary` holds the DWARF (the binary or its separate debug file);
+    /// `secondary` is the binary's own symbol table when `primary` is a
+    /// debug file.
+    Loaded {
+        primary: Box<addr2line::Loader>,
+        secondary: Option<Box<addr2line::Loader>>,
+    },
+    /// No usable file: addresses show as `module+0xoffset`.
+    Unavailable,
+}
+
+struct ModuleEntry {
+    module: Module,
+    name: String,
+    state: LoadState,
+}
+
+/// Symbolizes with the ELF files named in the trace's MODULE records.
+pub struct ElfSymbolizer {
+    modules: Vec<ModuleEntry>,
+    /// The executable's path (INFO "exe"), for a main-program module that
+    /// was recorded without a path.
+    exe: Option<PathBuf>,
+    debug_dirs: Vec<PathBuf>,
+    warnings: Vec<String>,
+}
+
+impl ElfSymbolizer {
+    /// A symbolizer for these modules (in file order: a later record wins
+    /// where ranges overlap) that also looks for debug files in `debug_dirs`.
+    pub fn new(modules: &[Module], debug_dirs: Vec<PathBuf>) -> ElfSymbolizer {
+        ElfSymbolizer {
+            modules: modules
+                .iter()
+                .map(|m| ModuleEntry {
+                    name: module_name(&m.path),
+                    module: m.clone(),
+                    state: LoadState::NotTried,
+                })
+                .collect(),
+            exe: None,
+            debug_dirs,
+            warnings: Vec::new(),
+        }
+    }
+
+    /// Uses `exe` for a module recorded without a path whose build-id
+    /// matches it (`dl_iterate_phdr` names the main program "").
+    pub fn with_exe(mut self, exe: Option<&str>) -> ElfSymbolizer {
+        self.exe = exe.filter(|e| !e.is_empty()).map(PathBuf::from);
+        self
+    }
+
+    /// The latest module whose segments contain `addr`.
+    fn find_module(&self, addr: u64) -> Option<usize> {
+        self.modules.iter().rposition(|e| {
+            e.module
+                .segments
+                .iter()
+                .any(|&(start, len)| addr >= start && addr - start < len)
+        })
+    }
+
+    fn load(&mut self, idx: usize) {
+        if self.modules[idx].module.path.is_empty() && !self.modules[idx].module.build_id.is_empty()
+        {
+            if let Some(exe) = &self.exe {
+                let same = elf_facts(exe)
+                    .is_ok_and(|f| f.build_id.as_ref() == Some(&self.modules[idx].module.build_id));
+                if same {
+                    let entry = &mut self.modules[idx];
+                    entry.module.path = exe.as_os_str().as_encoded_bytes().to_vec();
+                    entry.name = module_name(&entry.module.path);
+                }
+            }
+        }
+        let entry = &self.modules[idx];
+        let path_bytes = &entry.module.path;
+        let pseudo = path_bytes.is_empty()
+            || path_bytes.starts_with(b"[")
+            || path_bytes.starts_with(b"linux-vdso")
+            || path_bytes.starts_with(b"linux-gate");
+        let state = if pseudo {
+            LoadState::Unavailable
+        } else {
+            match open_module(&entry.module, &self.debug_dirs) {
+                Ok((primary, secondary)) => LoadState::Loaded { primary, secondary },
+                Err(why) => {
+                    self.warnings.push(format!(
+                        "{}: {why}; its frames show as {}+0xoffset",
+                        String::from_utf8_lossy(path_bytes),
+                        entry.name
+                    ));
+                    LoadState::Unavailable
+                }
+            }
+        };
+        self.modules[idx].state = state;
+    }
+}
+
+impl Symbolizer for ElfSymbolizer {
+    fn symbolize(&mut self, ret: u64) -> Vec<Frame> {
+        let pc = ret.saturating_sub(1);
+        let Some(idx) = self.find_module(pc) else {
+            return vec![Frame {
+                offset: ret,
+                ..Frame::default()
+            }];
+        };
+        if let LoadState::NotTried = self.modules[idx].state {
+            self.load(idx);
+        }
+        let entry = &self.modules[idx];
+        let probe = pc.wrapping_sub(entry.module.bias);
+        let base = Frame {
+            module: Some(entry.name.clone()),
+            offset: ret.wrapping_sub(entry.module.bias),
+            ..Frame::default()
+        };
+        let LoadState::Loaded { primary, secondary } = &entry.state else {
+            return vec![base];
+        };
+        let mut out: Vec<Frame> = Vec::new();
+        if let Ok(mut frames) = primary.find_frames(probe) {
+            while let Ok(Some(f)) = frames.next() {
+                let function = f
+                    .function
+                    .as_ref()
+                    .and_then(|n| n.raw_name().ok())
+                    .map(|n| demangle(&n));
+                let (file, line) = match &f.location {
+                    Some(loc) => (loc.file.map(str::to_string), loc.line),
+                    None => (None, None),
+                };
+                out.push(Frame {
+                    function,
+                    file,
+                    line,
+                    inlined: true,
+                    ..base.clone()
+                });
+            }
+        }
+        if let Some(last) = out.last_mut() {
+            last.inlined = false;
+        } else {
+            out.push(base);
+        }
+        // The outermost frame is the real function: name it from the symbol
+        // table when the DWARF did not (no debug info, or a unit without
+        // subprograms).
+        let last = out.last_mut().expect("at least one frame");
+        if last.function.is_none() {
+            let sym = primary
+                .find_symbol(probe)
+                .or_else(|| secondary.as_ref().and_then(|s| s.find_symbol(probe)));
+            last.function = sym.map(demangle);
+        }
+        out
+    }
+
+    fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
+    }
+}
+
+/// Facts about one ELF file on disk, read without mapping it.
+struct ElfFacts {
+    build_id: Option<Vec<u8>>,
+    has_dwarf: bool,
+    debuglink: Option<String>,
+}
+
+fn elf_facts(path: &Path) -> Result<ElfFacts, String> {
+    let file = File::open(path).map_err(|e| format!("cannot open the file ({e})"))?;
+    // A read cache parses only the headers and notes we ask for, so checking
+    // a large library does not read it whole (and needs no unsafe mmap).
+    let cache = object::ReadCache::new(file);
+    let obj = object::File::parse(&cache).map_err(|e| format!("not a readable ELF file ({e})"))?;
+    let build_id = obj.build_id().ok().flatten().map(<[u8]>::to_vec);
+    let has_dwarf = obj
+        .section_by_name(".debug_info")
+        .is_some_and(|s| s.size() > 0);
+    let debuglink = obj
+        .gnu_debuglink()
+        .ok()
+        .flatten()
+        .map(|(name, _crc)| String::from_utf8_lossy(name).into_owned());
+    Ok(ElfFacts {
+        build_id,
+        has_dwarf,
+        debuglink,
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+type Loaded = (Box<addr2line::Loader>, Option<Box<addr2line::Loader>>);
+
+/// Opens a module's file and, when it has no DWARF, its separate debug file.
+fn open_module(module: &Module, debug_dirs: &[PathBuf]) -> Result<Loaded, String> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = Path::new(std::ffi::OsStr::from_bytes(&module.path));
+    let facts = elf_facts(path)?;
+    let recorded = (!module.build_id.is_empty()).then_some(&module.build_id[..]);
+    if let (Some(want), Some(have)) = (recorded, facts.build_id.as_deref()) {
+        if want != have {
+            return Err(format!(
+                "build-id {} differs from the traced one {} (the file changed after tracing)",
+                hex(have),
+                hex(want)
+            ));
+        }
+    }
+    let load = |p: &Path| {
+        addr2line::Loader::new(p)
+            .map(Box::new)
+            .map_err(|e| format!("cannot load {} ({e})", p.display()))
+    };
+    let binary = load(path)?;
+    if facts.has_dwarf {
+        return Ok((binary, None));
+    }
+    let build_id = recorded.map(<[u8]>::to_vec).or(facts.build_id);
+    for candidate in debug_candidates(
+        path,
+        build_id.as_deref(),
+        facts.debuglink.as_deref(),
+        debug_dirs,
+    ) {
+        let Ok(dbg) = elf_facts(&candidate) else {
+            continue;
+        };
+        let matches = match (build_id.as_deref(), dbg.build_id.as_deref()) {
+            (Some(want), Some(have)) => want == have,
+            _ => true,
+        };
+        if matches && dbg.has_dwarf {
+            if let Ok(primary) = load(&candidate) {
+                return Ok((primary, Some(binary)));
+            }
+        }
+    }
+    Ok((binary, None))
+}
+
+/// Where separate debug info may be, in the order gdb looks: by build-id
+/// under `/usr/lib/debug/.build-id` and each `--debug-dir`, then by the
+/// `.gnu_debuglink` name next to the file, in its `.debug` directory, under
+/// `/usr/lib/debug` and in each `--debug-dir`.
+fn debug_candidates(
+    path: &Path,
+    build_id: Option<&[u8]>,
+    debuglink: Option<&str>,
+    debug_dirs: &[PathBuf],
+) -> Vec<PathBuf> {
+    let mut roots: Vec<Cow<'_, Path>> = vec![Cow::Borrowed(Path::new("/usr/lib/debug"))];
+    roots.extend(debug_dirs.iter().map(|d| Cow::Borrowed(d.as_path())));
+    let mut out = Vec::new();
+    if let Some(id) = build_id.filter(|id| id.len() >= 2) {
+        let (head, rest) = (hex(&id[..1]), hex(&id[1..]));
+        for root in &roots {
+            out.push(
+                root.join(".build-id")
+                    .join(&head)
+                    .join(format!("{rest}.debug")),
+            );
+        }
+        for dir in debug_dirs {
+            out.push(dir.join(&head).join(format!("{rest}.debug")));
+        }
+    }
+    if let Some(link) = debuglink {
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        out.push(dir.join(link));
+        out.push(dir.join(".debug").join(link));
+        let rel = dir.strip_prefix("/").unwrap_or(dir);
+        out.push(Path::new("/usr/lib/debug").join(rel).join(link));
+        for d in debug_dirs {
+            out.push(d.join(link));
+        }
+    }
+    out.retain(|p| p != path);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demangles_cpp_and_rust() {
+        assert_eq!(demangle("_Znwm"), "operator new(unsigned long)");
+        assert_eq!(
+            demangle("_ZN3std2io5stdio6_print17h0123456789abcdefE"),
+            "std::io::stdio::_print"
+        );
+        assert_eq!(demangle("leak_on_error"), "leak_on_error");
+    }
+
+    #[test]
+    fn module_names_are_basenames() {
+        assert_eq!(module_name(b"/usr/lib/libc.so.6"), "libc.so.6");
+        assert_eq!(module_name(b"[vdso]"), "[vdso]");
+        assert_eq!(module_name(b""), "");
+    }
+
+    #[test]
+    fn addresses_outside_modules_keep_the_address() {
+        let mut s = ElfSymbolizer::new(&[], Vec::new());
+        let f = s.symbolize(0x1234);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].module, None);
+        assert_eq!(f[0].offset, 0x1234);
+    }
+
+    #[test]
+    fn missing_files_fall_back_to_module_offsets_with_one_warning() {
+        let m = Module {
+            ts: 0,
+            bias: 0x1000,
+            path: b"/nonexistent/libgone.so".to_vec(),
+            build_id: vec![1, 2, 3],
+            segments: vec![(0x1000, 0x1000)],
+        };
+        let mut s = ElfSymbolizer::new(&[m], Vec::new());
+        let a = s.symbolize(0x1100);
+        let b = s.symbolize(0x1200);
+        assert_eq!(a[0].module.as_deref(), Some("libgone.so"));
+        assert_eq!(a[0].function, None);
+        assert_eq!(a[0].offset, 0x100);
+        assert_eq!(b[0].offset, 0x200);
+        assert_eq!(s.take_warnings().len(), 1);
+    }
+
+    #[test]
+    fn symbolizes_this_test_binary() {
+        // This very function's address, found through the module map of the
+        // running test, must come back with its name and this file.
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let here = symbolizes_this_test_binary as *const () as usize as u64;
+        let mut segments = Vec::new();
+        let mut lowest = u64::MAX;
+        for line in maps.lines() {
+            if !line.ends_with(exe.to_str().unwrap()) {
+                continue;
+            }
+            let range = line.split(' ').next().unwrap();
+            let (a, b) = range.split_once('-').unwrap();
+            let (a, b) = (
+                u64::from_str_radix(a, 16).unwrap(),
+                u64::from_str_radix(b, 16).unwrap(),
+            );
+            let off = u64::from_str_radix(line.split(' ').nth(2).unwrap(), 16).unwrap();
+            lowest = lowest.min(a - off);
+            segments.push((a, b - a));
+        }
+        // A PIE is linked at 0, so the lowest mapping minus its file offset
+        // is the load bias.
+        let m = Module {
+            ts: 0,
+            bias: lowest,
+            path: exe.as_os_str().as_encoded_bytes().to_vec(),
+            build_id: Vec::new(),
+            segments,
+        };
+        let mut s = ElfSymbolizer::new(&[m], Vec::new());
+        let frames = s.symbolize(here + 1);
+        let f = frames.last().unwrap();
+        assert!(
+            f.function
+                .as_deref()
+                .is_some_and(|n| n.contains("symbolizes_this_test_binary")),
+            "{frames:?}"
+        );
+        assert!(
+            f.file
+                .as_deref()
+                .is_some_and(|p| p.ends_with("symbolize.rs")),
+            "{frames:?}"
+        );
+    }
+}
