@@ -56,8 +56,11 @@ pub fn count_drop(r: DropReason) {
     DROPS[(r.code() as usize) & 7].fetch_add(1, Relaxed);
 }
 
-/// Per-thread state. Starts as a sentinel (countdown 0, not initialized) that
-/// sends the first allocation to the slow path, which initializes it.
+/// Per-thread state. Starts as a sentinel (all zero: countdown 0, not
+/// initialized) that sends the first allocation to the slow path, which
+/// initializes it. All-zero bytes must be a valid value of every field: the
+/// state lives in zero-initialized static TLS (see `TlsKey`).
+#[repr(C)]
 pub struct Tls {
     pub countdown: Cell<i64>,
     /// Bytes to the next sample point beyond `countdown`; the countdown is
@@ -65,34 +68,64 @@ pub struct Tls {
     /// the slow path without a second test on the hot path.
     extra: Cell<i64>,
     rng: Cell<u64>,
+    ring: Cell<*mut Ring>,
+    stack_lo: Cell<usize>,
+    stack_hi: Cell<usize>,
     /// True while this thread runs tracer code.
     pub guard: Cell<bool>,
     /// The writer thread: never traced.
     internal: Cell<bool>,
     ready: Cell<bool>,
-    ring: Cell<*mut Ring>,
-    stack_lo: Cell<usize>,
-    stack_hi: Cell<usize>,
 }
 
-impl Tls {
-    const fn new() -> Tls {
-        Tls {
-            countdown: Cell::new(0),
-            extra: Cell::new(0),
-            rng: Cell::new(0),
-            guard: Cell::new(false),
-            internal: Cell::new(false),
-            ready: Cell::new(false),
-            ring: Cell::new(core::ptr::null_mut()),
-            stack_lo: Cell::new(0),
-            stack_hi: Cell::new(0),
+/// Bytes reserved for `Tls` in the TLS segment.
+const TLS_BYTES: usize = 128;
+const _: () =
+    assert!(core::mem::size_of::<Tls>() <= TLS_BYTES && core::mem::align_of::<Tls>() <= 64);
+
+// The per-thread state is a block of zeroed static TLS that we declare
+// ourselves, so that the hooks reach it with the initial-exec model: one
+// GOT load and one %fs-relative add, instead of std's `thread_local!` which
+// in a shared library calls `__tls_get_addr` on every access. Initial-exec is
+// right for a library loaded with LD_PRELOAD: glibc places it in the static
+// TLS block of every thread (and refuses to dlopen it where that block has no
+// room, rather than misbehave).
+core::arch::global_asm!(
+    ".section .tbss,\"awT\",@nobits",
+    ".p2align 6",
+    ".globl mtrace_rs_tls",
+    ".hidden mtrace_rs_tls",
+    ".type mtrace_rs_tls, @object",
+    ".size mtrace_rs_tls, 128",
+    "mtrace_rs_tls:",
+    ".zero 128",
+    ".text",
+);
+
+/// The handle to the calling thread's `Tls`, shaped like `LocalKey`.
+pub struct TlsKey;
+pub static TLS: TlsKey = TlsKey;
+
+impl TlsKey {
+    #[inline(always)]
+    pub fn with<R>(&self, f: impl FnOnce(&Tls) -> R) -> R {
+        let p: *const Tls;
+        // SAFETY: the initial-exec TLS access sequence for `mtrace_rs_tls`:
+        // the GOT slot holds its offset from the thread pointer, and %fs:0
+        // holds the thread pointer itself.
+        unsafe {
+            core::arch::asm!(
+                "mov {p}, qword ptr [rip + mtrace_rs_tls@GOTTPOFF]",
+                "add {p}, qword ptr fs:[0]",
+                p = out(reg) p,
+                options(pure, readonly, nostack, preserves_flags),
+            );
         }
+        // SAFETY: the block is TLS_BYTES of this thread's zero-initialized
+        // memory, alive as long as the thread, and all-zero is a valid Tls.
+        // `Tls` is only mutated through `Cell`s, on this thread.
+        f(unsafe { &*p })
     }
-}
-
-thread_local! {
-    pub static TLS: Tls = const { Tls::new() };
 }
 
 /// Settings copied out of the config when tracing starts.
