@@ -43,19 +43,35 @@ fn is_free_candidate(p: *mut c_void) -> bool {
 
 /// # Safety
 /// As C's `malloc`.
+///
+/// The hot path is written out as the few instructions it must be: find the
+/// thread's state (initial-exec TLS), subtract the size from the countdown,
+/// and if it stays positive store it and jump to the real `malloc`; otherwise
+/// jump to the slow path with the arguments untouched. This is what the Rust
+/// version compiles to, minus the frame setup it cannot avoid (the crate keeps
+/// frame pointers for the frame-pointer unwinder; tail jumps leave no frame).
 #[cfg_attr(not(test), unsafe(no_mangle))]
+#[unsafe(naked)]
 pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {
-    if countdown_ok(size) {
-        // SAFETY: forwarding.
-        return unsafe { real::malloc(size) };
-    }
-    // SAFETY: forwarding.
-    unsafe { malloc_slow(size) }
+    core::arch::naked_asm!(
+        "mov rax, qword ptr [rip + mtrace_rs_tls@GOTTPOFF]",
+        "add rax, qword ptr fs:[0]",
+        // countdown is the first field of Tls (asserted in tracer.rs)
+        "mov rcx, qword ptr [rax]",
+        "sub rcx, rdi",
+        "jle 2f",
+        "mov qword ptr [rax], rcx",
+        "jmp qword ptr [rip + {real}]",
+        "2:",
+        "jmp {slow}",
+        real = sym real::MALLOC,
+        slow = sym malloc_slow,
+    )
 }
 
 #[cold]
 #[inline(never)]
-unsafe fn malloc_slow(size: usize) -> *mut c_void {
+unsafe extern "C" fn malloc_slow(size: usize) -> *mut c_void {
     TLS.with(|t| {
         let d = tracer::decide(t, size);
         let p = if align_for(d) {
@@ -116,19 +132,28 @@ unsafe fn calloc_slow(n: usize, size: usize, total: usize) -> *mut c_void {
 
 /// # Safety
 /// As C's `free`.
+///
+/// Hot path: one test of the pointer against `FREE_MASK` and a jump to the
+/// real `free`; the rare candidate (NULL, a page-aligned pointer in sampled
+/// mode, every pointer in exact mode) jumps to the slow path.
 #[cfg_attr(not(test), unsafe(no_mangle))]
+#[unsafe(naked)]
 pub unsafe extern "C" fn free(p: *mut c_void) {
-    if !is_free_candidate(p) {
-        // SAFETY: forwarding.
-        return unsafe { real::free(p) };
-    }
-    // SAFETY: forwarding.
-    unsafe { free_slow(p) }
+    core::arch::naked_asm!(
+        "test qword ptr [rip + {mask}], rdi",
+        "jz 2f",
+        "jmp qword ptr [rip + {real}]",
+        "2:",
+        "jmp {slow}",
+        mask = sym FREE_MASK,
+        real = sym real::FREE,
+        slow = sym free_slow,
+    )
 }
 
 #[cold]
 #[inline(never)]
-unsafe fn free_slow(p: *mut c_void) {
+unsafe extern "C" fn free_slow(p: *mut c_void) {
     TLS.with(|t| {
         if tracer::free_is_recorded(t, p) {
             tracer::record_free(t, p, sys::now_ns());

@@ -45,7 +45,7 @@ extern "C" {
 macro_rules! real_fns {
     ($( $slot:ident : $ty:ty = $boot:ident ( $($arg:ident : $aty:ty),* ) -> $ret:ty, $name:literal, $fallback:expr ;)*) => {
         $(
-            static $slot: AtomicPtr<()> = AtomicPtr::new($boot as $ty as *mut ());
+            pub(crate) static $slot: AtomicPtr<()> = AtomicPtr::new($boot as $ty as *mut ());
 
             unsafe extern "C" fn $boot($($arg: $aty),*) -> $ret {
                 if RESOLVING.load(Acquire) {

@@ -14,7 +14,7 @@
 //! count, never a SIGBUS in the traced program.
 
 use core::ffi::{c_int, c_void};
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering::*};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering::*};
 
 use mtrace_format::{self as fmt, DropReason, Encoder, Header, Module, HEADER_SIZE};
 
@@ -25,6 +25,10 @@ use crate::{real, stacks, tracer};
 
 struct Writer {
     fd: c_int,
+    /// Device and inode of the trace file: a program that closes every
+    /// descriptor (daemons do) may get our number back for a file of its own,
+    /// which we must never grow or truncate.
+    ident: (u64, u64),
     map: *mut u8,
     /// Bytes of the file that are mapped (and reserved on disk).
     map_len: usize,
@@ -52,6 +56,14 @@ static BUSY: AtomicBool = AtomicBool::new(false);
 static STOP: AtomicBool = AtomicBool::new(false);
 /// Events that could not be written, counted into DropReason::WriteFailed.
 static WRITE_FAILED: AtomicU64 = AtomicU64::new(0);
+/// The process whose file the writer writes. A `vfork` child shares our
+/// memory but is another process: it must neither write into nor finish its
+/// parent's file.
+static OWNER_PID: AtomicU32 = AtomicU32::new(0);
+
+fn is_owner() -> bool {
+    OWNER_PID.load(Relaxed) == sys::getpid()
+}
 
 fn lock() {
     while BUSY
@@ -91,6 +103,7 @@ pub fn start(cfg: &Config, ppid: u32, forked: bool) -> bool {
     };
     let mut w = Box::new(Writer {
         fd,
+        ident: file_ident(fd).unwrap_or((0, 0)),
         map: core::ptr::null_mut(),
         map_len: 0,
         pos: 0,
@@ -118,6 +131,7 @@ pub fn start(cfg: &Config, ppid: u32, forked: bool) -> bool {
     header.encode(unsafe { core::slice::from_raw_parts_mut(w.map, HEADER_SIZE) });
     w.write_info(forked, ppid);
     let w = Box::into_raw(w);
+    OWNER_PID.store(pid, Relaxed);
     WRITER.store(w, Release);
     STOP.store(false, Release);
     BUSY.store(false, Release);
@@ -228,7 +242,7 @@ fn writer() -> Option<&'static mut Writer> {
 
 /// Flushes synchronously before an exec replaces the image.
 pub fn before_exec() {
-    if !tracer::running() {
+    if !tracer::running() || !is_owner() {
         return;
     }
     lock();
@@ -249,6 +263,9 @@ pub fn before_exec() {
 /// Writes everything and the END record; after this, hooks stop recording.
 /// Runs from the library destructor and from `_exit`.
 pub fn finish() {
+    if !is_owner() {
+        return;
+    }
     if tracer::STATE
         .compare_exchange(tracer::RUNNING, tracer::FINISHED, AcqRel, Relaxed)
         .is_err()
@@ -310,6 +327,9 @@ impl Writer {
         let mut len = self.map_len.max(HEADER_SIZE + (1 << 20));
         while len < need {
             len = len.saturating_mul(2).min(len + (256 << 20));
+        }
+        if file_ident(self.fd) != Some(self.ident) {
+            return false;
         }
         // SAFETY: fd is our open file; the mapping calls replace only our own
         // mapping.
@@ -414,11 +434,14 @@ impl Writer {
         if self.map.is_null() {
             return;
         }
+        let ours = file_ident(self.fd) == Some(self.ident);
         // SAFETY: our mapping and descriptor; the mapping is dropped before
         // the file shrinks, so no page beyond the end stays mapped.
         unsafe {
             libc::munmap(self.map as *mut c_void, self.map_len);
-            libc::ftruncate(self.fd, (HEADER_SIZE + self.pos) as libc::off_t);
+            if ours {
+                libc::ftruncate(self.fd, (HEADER_SIZE + self.pos) as libc::off_t);
+            }
         }
         self.map = core::ptr::null_mut();
         self.map_len = 0;
@@ -432,11 +455,15 @@ impl Writer {
             let flags = self.header_u64(fmt::FLAGS_OFFSET);
             flags.fetch_or(fmt::FLAG_CLEAN_END as u64, Release);
         }
-        // SAFETY: our mapping and descriptor; nothing uses them afterwards.
+        let ours = file_ident(self.fd) == Some(self.ident);
+        // SAFETY: our mapping and, if it is still ours, our descriptor;
+        // nothing uses them afterwards.
         unsafe {
             libc::munmap(self.map as *mut c_void, self.map_len);
-            libc::ftruncate(self.fd, (HEADER_SIZE + self.pos) as libc::off_t);
-            libc::close(self.fd);
+            if ours {
+                libc::ftruncate(self.fd, (HEADER_SIZE + self.pos) as libc::off_t);
+                libc::close(self.fd);
+            }
         }
         self.map = core::ptr::null_mut();
         self.broken = true;
@@ -648,6 +675,14 @@ fn build_id(mut notes: &[u8]) -> &[u8] {
         notes = &notes[desc_end..];
     }
     &[]
+}
+
+fn file_ident(fd: c_int) -> Option<(u64, u64)> {
+    // SAFETY: fstat fills a local struct.
+    unsafe {
+        let mut st: libc::stat = core::mem::zeroed();
+        (libc::fstat(fd, &mut st) == 0).then_some((st.st_dev, st.st_ino))
+    }
 }
 
 fn rss_bytes() -> Option<u64> {
