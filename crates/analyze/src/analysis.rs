@@ -25,6 +25,22 @@
 //! freed before the slot's event, in one order of arrival or the other), so
 //! `frees of unknown blocks = unmatched - late allocs`: in exact mode these
 //! are the frees of blocks allocated before tracing began.
+//!
+//! # Time
+//!
+//! Besides the live set at the end, the replay keeps a running total of live
+//! bytes (estimated in sampled mode), its peak, and the memory
+//! [`Timeline`](crate::memory::Timeline) of STATS records (RSS and glibc's figures beside the live
+//! bytes at that moment). Because an event can arrive up to the writer's
+//! delay late, the live total read at a STATS record can lag by the events
+//! of those few tens of milliseconds.
+//!
+//! A [`Snapshot`] asks for the blocks live at an earlier moment `T`: a block
+//! was live at `T` when it was allocated at or before `T` and freed after
+//! it. Such blocks are summed per stack when they die (so the snapshot costs
+//! memory per distinct stack, not per block), and the ones still live at the
+//! end are added when the snapshot is read. The moment must be known before
+//! reading; `peak` and percentages need a first pass (see `main.rs`).
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -32,6 +48,7 @@ use std::io::Read;
 use mtrace_format::{DecodeError, Decoder, DropReason, Ending, Header, Module, Record};
 
 use crate::fxhash::FxHashMap;
+use crate::memory::{MemoryStats, TimelinePoint};
 
 /// How late (in trace time) an event may arrive and still be ordered right.
 /// The tracer bounds its delay to tens of milliseconds; two seconds is a
@@ -61,6 +78,93 @@ pub struct LiveBlock {
     pub stack: u64,
     /// True for a Poisson sample, false for a block recorded with certainty.
     pub sampled: bool,
+}
+
+/// Sums of recorded blocks once sampling is undone: one stack's or one
+/// group's share of a snapshot.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Sums {
+    /// Estimated bytes.
+    pub bytes: f64,
+    /// Estimated objects.
+    pub objects: f64,
+    /// Estimated variance of `bytes`.
+    pub var: f64,
+    /// Recorded events behind the estimate.
+    pub samples: u64,
+    /// True when any part is scaled up from Poisson samples.
+    pub estimated: bool,
+}
+
+impl Sums {
+    /// The sums of one block.
+    pub fn of(b: &LiveBlock, rate: u64) -> Sums {
+        let w = weight(b.size, b.sampled, rate);
+        Sums {
+            bytes: w.bytes,
+            objects: w.objects,
+            var: w.bytes_var,
+            samples: 1,
+            estimated: b.sampled && rate > 1,
+        }
+    }
+
+    /// Adds another sum.
+    pub fn add(&mut self, o: &Sums) {
+        self.bytes += o.bytes;
+        self.objects += o.objects;
+        self.var += o.var;
+        self.samples += o.samples;
+        self.estimated |= o.estimated;
+    }
+}
+
+/// One stack's part of a [`Snapshot`]: everything live at the moment, and
+/// the part of it allocated after the snapshot's `born_after` time.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SnapSums {
+    pub live: Sums,
+    pub born_after: Sums,
+}
+
+impl SnapSums {
+    fn add_block(&mut self, b: &LiveBlock, rate: u64, born_after: Option<u64>) {
+        let s = Sums::of(b, rate);
+        self.live.add(&s);
+        if born_after.is_some_and(|t| b.ts > t) {
+            self.born_after.add(&s);
+        }
+    }
+
+    /// Adds another stack's or group's sums.
+    pub fn add(&mut self, o: &SnapSums) {
+        self.live.add(&o.live);
+        self.born_after.add(&o.born_after);
+    }
+}
+
+/// What was live at one moment of the trace, per stack id. Ask for it before
+/// reading ([`read_trace_with`]); read it with [`Trace::snapshot`].
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// The moment, ns since the trace started.
+    pub at: u64,
+    /// Also sum separately the blocks allocated after this time (the growth
+    /// window's start in a diff).
+    pub born_after: Option<u64>,
+    /// Blocks live at `at` that died later, summed per stack id.
+    died_later: FxHashMap<u64, SnapSums>,
+}
+
+impl Snapshot {
+    /// A snapshot at `at`, splitting off blocks born after `born_after`.
+    pub fn new(at: u64, born_after: Option<u64>) -> Snapshot {
+        Snapshot {
+            at,
+            born_after,
+            died_later: FxHashMap::default(),
+        }
+    }
 }
 
 /// How the trace file ended, as the report shows it.
@@ -141,6 +245,16 @@ pub struct Trace {
     pub last_ts: u64,
     /// How reading ended; `None` while reading.
     pub ending: Option<TraceEnding>,
+    /// Per stack id: (bytes, objects) ever allocated, sampling undone.
+    pub allocated: FxHashMap<u64, (f64, f64)>,
+    /// RSS and allocator statistics over time, with the live bytes beside.
+    pub memory: MemoryStats,
+    /// The moments asked for before reading.
+    pub snapshots: Vec<Snapshot>,
+    /// Live bytes of blocks recorded with certainty (exact integer sum).
+    live_exact: u64,
+    /// Live bytes of Poisson samples, sampling undone.
+    live_sampled: f64,
     slots: FxHashMap<u64, Slot>,
     unmatched_frees: u64,
     late_allocs: u64,
@@ -164,6 +278,11 @@ impl Trace {
             marks: Vec::new(),
             last_ts: 0,
             ending: None,
+            allocated: FxHashMap::default(),
+            memory: MemoryStats::new(),
+            snapshots: Vec::new(),
+            live_exact: 0,
+            live_sampled: 0.0,
             slots: FxHashMap::default(),
             unmatched_frees: 0,
             late_allocs: 0,
@@ -193,6 +312,34 @@ impl Trace {
             Slot::Live(b) => Some(b),
             Slot::Dead { .. } => None,
         })
+    }
+
+    /// Live bytes now (at the point of reading), estimated in sampled mode.
+    pub fn live_bytes(&self) -> f64 {
+        self.live_exact as f64 + self.live_sampled
+    }
+
+    /// Per stack id, what was live at the moment of snapshot `i`.
+    pub fn snapshot(&self, i: usize) -> FxHashMap<u64, SnapSums> {
+        let snap = &self.snapshots[i];
+        let rate = self.header.sample_rate;
+        let mut out = snap.died_later.clone();
+        for b in self.live_blocks().filter(|b| b.ts <= snap.at) {
+            out.entry(b.stack)
+                .or_default()
+                .add_block(b, rate, snap.born_after);
+        }
+        out
+    }
+
+    /// Per stack id, what is live at the end.
+    pub fn live_by_stack(&self) -> FxHashMap<u64, SnapSums> {
+        let rate = self.header.sample_rate;
+        let mut out: FxHashMap<u64, SnapSums> = FxHashMap::default();
+        for b in self.live_blocks() {
+            out.entry(b.stack).or_default().add_block(b, rate, None);
+        }
+        out
     }
 
     /// Feeds one record.
@@ -243,18 +390,27 @@ impl Trace {
             Record::Dropped { reason, total } => {
                 self.dropped.insert(reason, total);
             }
-            Record::Stats { ts, .. } => self.see_ts(ts),
+            Record::Stats { ts, fields } => {
+                self.see_ts(ts);
+                let live = self.live_bytes();
+                self.memory
+                    .stats(TimelinePoint::from_stats(ts, live, &fields));
+            }
             Record::End { ts } => self.see_ts(ts),
             Record::Mark { ts, what, value } => {
                 self.see_ts(ts);
                 self.marks.push(Mark { ts, what, value });
             }
+            // JIT code ranges (format version 2): symbolized in a later step.
+            Record::Code { ts, .. } => self.see_ts(ts),
         }
     }
 
     fn see_ts(&mut self, ts: u64) {
         if ts > self.last_ts {
             self.last_ts = ts;
+            self.memory
+                .tick(ts, self.live_exact as f64 + self.live_sampled);
         }
         if self.last_ts - self.last_sweep_ts >= SWEEP_INTERVAL_NS {
             self.sweep();
@@ -271,18 +427,72 @@ impl Trace {
 
     fn alloc(&mut self, addr: u64, block: LiveBlock) {
         self.allocs += 1;
+        let rate = self.header.sample_rate;
+        let w = weight(block.size, block.sampled, rate);
+        let a = self.allocated.entry(block.stack).or_default();
+        a.0 += w.bytes;
+        a.1 += w.objects;
         let slot = self.slots.entry(addr).or_insert(Slot::Dead { ts: 0 });
         match *slot {
             Slot::Live(old) if old.ts <= block.ts => {
                 // The older block's free never arrived (lost, or dropped by
-                // the tracer): the new block replaces it.
+                // the tracer): the new block replaces it, and it counts as
+                // freed when the new one came.
                 self.lost_frees += 1;
                 *slot = Slot::Live(block);
+                self.died(&old, block.ts);
+                self.born(&block);
             }
-            Slot::Dead { ts } if ts <= block.ts => *slot = Slot::Live(block),
+            Slot::Dead { ts } if ts <= block.ts => {
+                *slot = Slot::Live(block);
+                self.born(&block);
+            }
             // The slot holds a later event: this block was freed before it,
-            // by a free that was (or will be) counted as unmatched.
-            _ => self.late_allocs += 1,
+            // by a free that was (or will be) counted as unmatched. That
+            // later event's time is the best bound on when it died.
+            Slot::Dead { ts } | Slot::Live(LiveBlock { ts, .. }) => {
+                self.late_allocs += 1;
+                self.in_snapshots(&block, ts);
+            }
+        }
+    }
+
+    /// A block became live: count it and move the peak.
+    fn born(&mut self, b: &LiveBlock) {
+        if b.sampled && self.header.sample_rate > 1 {
+            self.live_sampled += weight(b.size, true, self.header.sample_rate).bytes;
+        } else {
+            self.live_exact += b.size;
+        }
+        let live = self.live_bytes();
+        self.memory.live_changed(b.ts.max(self.last_ts), live);
+    }
+
+    /// A live block died at `ts`.
+    fn died(&mut self, b: &LiveBlock, ts: u64) {
+        if b.sampled && self.header.sample_rate > 1 {
+            self.live_sampled -= weight(b.size, true, self.header.sample_rate).bytes;
+            if self.live_sampled < 0.0 {
+                // Rounding of many additions and subtractions.
+                self.live_sampled = 0.0;
+            }
+        } else {
+            self.live_exact = self.live_exact.saturating_sub(b.size);
+        }
+        self.in_snapshots(b, ts);
+    }
+
+    /// Adds a block that lived until `death` to every snapshot it was live
+    /// in.
+    fn in_snapshots(&mut self, b: &LiveBlock, death: u64) {
+        let rate = self.header.sample_rate;
+        for s in &mut self.snapshots {
+            if b.ts <= s.at && death > s.at {
+                s.died_later
+                    .entry(b.stack)
+                    .or_default()
+                    .add_block(b, rate, s.born_after);
+            }
         }
     }
 
@@ -293,6 +503,7 @@ impl Trace {
                 let Slot::Live(b) = *slot else { unreachable!() };
                 if b.ts < ts {
                     *slot = Slot::Dead { ts };
+                    self.died(&b, ts);
                 } else {
                     // Frees a block older than the live one.
                     self.unmatched_frees += 1;
@@ -319,8 +530,15 @@ impl Trace {
 /// the stream ends the reading with [`TraceEnding::Corrupt`] and keeps what
 /// was read before it.
 pub fn read_trace<R: Read>(reader: R) -> Result<Trace, DecodeError> {
+    read_trace_with(reader, Vec::new())
+}
+
+/// Reads a whole trace like [`read_trace`], also summing what was live at
+/// each of `snapshots`' moments.
+pub fn read_trace_with<R: Read>(reader: R, snapshots: Vec<Snapshot>) -> Result<Trace, DecodeError> {
     let mut dec = Decoder::new(reader)?;
     let mut trace = Trace::new(dec.header().clone());
+    trace.snapshots = snapshots;
     loop {
         match dec.next() {
             Ok(Some(rec)) => trace.record(rec),

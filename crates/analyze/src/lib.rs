@@ -10,14 +10,27 @@
 //! - [`folds`] names the allocator wrappers skipped to find the allocating
 //!   function.
 //! - [`report`] groups live blocks by function or stack and renders text or
-//!   JSON.
+//!   JSON, with RSS beside live bytes in the header.
+//! - [`memory`] keeps the STATS records (RSS, glibc's mallinfo2 figures) as a
+//!   bounded timeline beside the live bytes, and says when glibc, not the
+//!   program, holds the memory; [`timeline`] renders it as a table or SVG.
+//! - [`timespec`] reads moments (`2.5s`, `50%`, `peak`); snapshots of what
+//!   was live at a moment are taken while streaming
+//!   ([`analysis::Snapshot`]); [`diff`] ranks callers by growth between two
+//!   moments or two traces.
+//! - [`flame`] writes folded stacks and flamegraphs (inferno).
 //!
 //! **Invariant:** the analyzer streams: memory is proportional to live blocks
 //! and distinct stacks, never to the file's size. **Invariant:** no input
 //! makes it panic; damage ends the reading with what was read before it.
 
 pub mod analysis;
+pub mod diff;
+pub mod flame;
 pub mod folds;
 pub mod fxhash;
+pub mod memory;
 pub mod report;
 pub mod symbolize;
+pub mod timeline;
+pub mod timespec;

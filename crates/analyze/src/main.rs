@@ -7,16 +7,23 @@
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::str::FromStr;
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use mtrace_analyze::analysis::{read_trace, TraceEnding};
+use mtrace_analyze::analysis::{read_trace_with, Snapshot, Trace, TraceEnding};
+use mtrace_analyze::diff;
+use mtrace_analyze::flame;
 use mtrace_analyze::folds::Folds;
-use mtrace_analyze::report::{build_report, write_json, write_text, GroupBy, ReportOptions};
+use mtrace_analyze::report::{
+    build_report, write_json, write_text, GroupBy, Moment, ReportOptions,
+};
 use mtrace_analyze::symbolize::{ElfSymbolizer, Symbolizer};
+use mtrace_analyze::timeline;
+use mtrace_analyze::timespec::{TimeSpec, TimeSpecError};
 
 /// Reads an mtrace-rs trace and reports who holds memory.
 ///
@@ -37,25 +44,30 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Memory outstanding (live) at the end of the trace, by caller.
+    /// Memory outstanding (live) at the end of the trace (or at --at), by
+    /// caller, with RSS beside live bytes.
     Report(ReportArgs),
+    /// RSS, live bytes and glibc's free, arena and mmapped bytes over time:
+    /// a table, JSON, or an SVG plot.
+    Timeline(TimelineArgs),
+    /// Callers ranked by growth of outstanding memory: between two moments
+    /// of one trace (--from, --to), or from one trace to another (OLD NEW).
+    Diff(DiffArgs),
+    /// A flamegraph (SVG, drawn with inferno) of outstanding bytes,
+    /// allocated bytes or allocation count by stack.
+    Flamegraph(FlameArgs),
 }
 
+/// How callers are grouped and filtered.
 #[derive(Args, Debug)]
-struct ReportArgs {
-    /// The trace file written by libmtrace_rs.so.
-    #[arg(value_name = "TRACE", required = true)]
-    trace: Option<PathBuf>,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    format: Format,
+struct Grouping {
     /// Group by the allocating function (wrappers folded) or by whole stack.
     #[arg(long, value_enum, default_value_t = By::Function)]
     by: By,
     /// Show at most N groups.
     #[arg(long, value_name = "N", default_value_t = 20)]
     top: usize,
-    /// Hide groups holding fewer than N bytes.
+    /// Hide groups holding (or, in a diff, changing by) fewer than N bytes.
     #[arg(long, value_name = "N", default_value_t = 0)]
     min_bytes: u64,
     /// Also treat functions matching PATTERN as allocator wrappers (a name,
@@ -73,10 +85,140 @@ struct ReportArgs {
     debug_dir: Vec<PathBuf>,
 }
 
+#[derive(Args, Debug)]
+struct ReportArgs {
+    /// The trace file written by libmtrace_rs.so.
+    #[arg(value_name = "TRACE", required = true)]
+    trace: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    /// Report what was outstanding at this moment instead of at the end:
+    /// seconds from the start (2.5, 2.5s, 500ms, 3min), a percentage of the
+    /// trace (50%), or peak (the moment of peak live bytes).
+    #[arg(long, value_name = "TIME")]
+    at: Option<TimeArg>,
+    /// Write to FILE instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    #[command(flatten)]
+    grouping: Grouping,
+}
+
+#[derive(Args, Debug)]
+struct TimelineArgs {
+    /// The trace file written by libmtrace_rs.so.
+    #[arg(value_name = "TRACE")]
+    trace: PathBuf,
+    /// Output format: a table, JSON, or an SVG line plot.
+    #[arg(long, value_enum, default_value_t = TimelineFormat::Text)]
+    format: TimelineFormat,
+    /// Write to FILE instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Rows of the table (text and JSON), evenly spread in time; 0 for every
+    /// point kept. The SVG draws every point.
+    #[arg(long, value_name = "N", default_value_t = 40)]
+    points: usize,
+}
+
+#[derive(Args, Debug)]
+struct DiffArgs {
+    /// One trace (compare two moments of it with --from and --to) or two
+    /// traces of the same program, OLD NEW (compare what each holds at its
+    /// end).
+    #[arg(value_name = "TRACE", required = true, num_args = 1..=2)]
+    traces: Vec<PathBuf>,
+    /// Start of the window (default: the start of the trace). Seconds from
+    /// the start, a percentage of the trace, or peak.
+    #[arg(long, value_name = "TIME")]
+    from: Option<TimeArg>,
+    /// End of the window (default: the end of the trace).
+    #[arg(long, value_name = "TIME")]
+    to: Option<TimeArg>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = DiffFormat::Text)]
+    format: DiffFormat,
+    /// Write to FILE instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    #[command(flatten)]
+    grouping: Grouping,
+}
+
+#[derive(Args, Debug)]
+struct FlameArgs {
+    /// The trace file written by libmtrace_rs.so.
+    #[arg(value_name = "TRACE")]
+    trace: PathBuf,
+    /// Write to FILE instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// What the widths measure.
+    #[arg(long, value_enum, default_value_t = FlameMetric::Outstanding)]
+    metric: FlameMetric,
+    /// For --metric outstanding: what was outstanding at this moment (see
+    /// `report --at`) instead of at the end.
+    #[arg(long, value_name = "TIME")]
+    at: Option<TimeArg>,
+    /// svg, or collapsed for other flamegraph tools.
+    #[arg(long, value_enum, default_value_t = FlameFormat::Svg)]
+    format: FlameFormat,
+    /// Also look for separate debug files here.
+    #[arg(long, value_name = "DIR")]
+    debug_dir: Vec<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FlameMetric {
+    Outstanding,
+    Allocated,
+    Count,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FlameFormat {
+    Svg,
+    Collapsed,
+}
+
+/// A moment as typed, and what it means.
+#[derive(Clone, Debug)]
+struct TimeArg {
+    text: String,
+    spec: TimeSpec,
+}
+
+impl FromStr for TimeArg {
+    type Err = TimeSpecError;
+    fn from_str(s: &str) -> Result<TimeArg, TimeSpecError> {
+        Ok(TimeArg {
+            text: s.trim().to_string(),
+            spec: s.parse()?,
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Format {
     Text,
     Json,
+    /// Folded stacks (`frame;frame;frame bytes`) of the outstanding bytes,
+    /// for flamegraph tools.
+    Collapsed,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DiffFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum TimelineFormat {
+    Text,
+    Json,
+    Svg,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -107,58 +249,288 @@ fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Report(args)) => report(args),
+        Some(Command::Timeline(args)) => timeline_cmd(args),
+        Some(Command::Diff(args)) => diff_cmd(args),
+        Some(Command::Flamegraph(args)) => flamegraph_cmd(args),
         None => report(cli.report),
     }
+}
+
+/// A trace that could not be read at all: said on one line, exit code 2.
+struct Unreadable;
+
+/// Reads a trace, with the snapshots asked for; an unreadable file is said
+/// on stderr.
+fn load(path: &Path, snapshots: Vec<Snapshot>) -> Result<Trace, Unreadable> {
+    File::open(path)
+        .map_err(|e| e.to_string())
+        .and_then(|f| read_trace_with(f, snapshots).map_err(|e| e.to_string()))
+        .map_err(|e| {
+            eprintln!("mtrace-analyze: {}: {e}", path.display());
+            Unreadable
+        })
+}
+
+/// Resolves moments against the trace at `path`, reading it once first
+/// when one of them needs the trace's length or peak.
+fn resolve(path: &Path, specs: &[&TimeSpec]) -> Result<Vec<u64>, Unreadable> {
+    if specs.iter().any(|s| s.needs_first_pass()) {
+        let t = load(path, Vec::new())?;
+        Ok(specs
+            .iter()
+            .map(|s| s.resolve(t.last_ts, t.memory.live_peak_ts))
+            .collect())
+    } else {
+        Ok(specs.iter().map(|s| s.resolve(u64::MAX, 0)).collect())
+    }
+}
+
+fn options(g: &Grouping) -> ReportOptions {
+    let mut folds = if g.no_default_folds {
+        Folds::none()
+    } else {
+        Folds::with_defaults()
+    };
+    for f in &g.fold {
+        folds.add(f);
+    }
+    ReportOptions {
+        by: match g.by {
+            By::Function => GroupBy::Function,
+            By::Stack => GroupBy::Stack,
+        },
+        top: g.top,
+        min_bytes: g.min_bytes,
+        folds,
+        at: None,
+    }
+}
+
+fn symbolizer(trace: &Trace, g: &Grouping) -> ElfSymbolizer {
+    ElfSymbolizer::new(&trace.modules, g.debug_dir.clone()).with_exe(trace.exe.as_deref())
+}
+
+fn print_warnings(sym: &mut dyn Symbolizer) {
+    for w in sym.take_warnings() {
+        eprintln!("mtrace-analyze: warning: {w}");
+    }
+}
+
+/// Standard output, or the file of `-o`.
+fn output(path: &Option<PathBuf>) -> anyhow::Result<Box<dyn Write>> {
+    Ok(match path {
+        Some(p) => Box::new(BufWriter::new(
+            File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => Box::new(BufWriter::new(io::stdout().lock())),
+    })
+}
+
+/// The exit code once the output is written: 2 with a warning when the
+/// trace was damaged part-way.
+fn finish(traces: &[(&Trace, &str)]) -> ExitCode {
+    let mut code = ExitCode::SUCCESS;
+    for (t, shown) in traces {
+        if let Some(TraceEnding::Corrupt { detail }) = &t.ending {
+            eprintln!(
+                "mtrace-analyze: warning: {shown}: {detail}; the report covers only the records before it"
+            );
+            code = ExitCode::from(2);
+        }
+    }
+    code
 }
 
 fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
     let path = args.trace.context("no trace file given")?;
     let shown = path.display().to_string();
-    let trace = match File::open(&path)
-        .map_err(|e| e.to_string())
-        .and_then(|f| read_trace(f).map_err(|e| e.to_string()))
-    {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("mtrace-analyze: {shown}: {e}");
-            return Ok(ExitCode::from(2));
-        }
+    let mut opts = options(&args.grouping);
+    let Ok((trace, at)) = load_at(&path, args.at.as_ref()) else {
+        return Ok(ExitCode::from(2));
     };
-    let mut folds = if args.no_default_folds {
-        Folds::none()
-    } else {
-        Folds::with_defaults()
-    };
-    for f in &args.fold {
-        folds.add(f);
-    }
-    let opts = ReportOptions {
-        by: match args.by {
-            By::Function => GroupBy::Function,
-            By::Stack => GroupBy::Stack,
-        },
-        top: args.top,
-        min_bytes: args.min_bytes,
-        folds,
-    };
-    let mut sym = ElfSymbolizer::new(&trace.modules, args.debug_dir).with_exe(trace.exe.as_deref());
-    let report = build_report(&trace, &shown, &mut sym, &opts);
-    for w in sym.take_warnings() {
-        eprintln!("mtrace-analyze: warning: {w}");
-    }
-    let stdout = io::stdout();
-    let mut out = BufWriter::new(stdout.lock());
+    opts.at = at;
+    let mut sym = symbolizer(&trace, &args.grouping);
+    let mut out = output(&args.output)?;
     match args.format {
-        Format::Text => write_text(&report, &mut out),
-        Format::Json => write_json(&report, &mut out),
+        Format::Text | Format::Json => {
+            let report = build_report(&trace, &shown, &mut sym, &opts);
+            print_warnings(&mut sym);
+            match args.format {
+                Format::Json => write_json(&report, &mut out),
+                _ => write_text(&report, &mut out),
+            }
+        }
+        Format::Collapsed => {
+            let snapshot = opts.at.as_ref().map(|m| m.snapshot);
+            let lines = flame::folded(&trace, &mut sym, flame::Metric::Outstanding, snapshot);
+            print_warnings(&mut sym);
+            flame::write_folded(&lines, &mut out)
+        }
     }
     .and_then(|()| out.flush())
     .context("writing the report")?;
-    if let Some(TraceEnding::Corrupt { detail }) = &trace.ending {
-        eprintln!(
-            "mtrace-analyze: warning: {shown}: {detail}; the report covers only the records before it"
-        );
-        return Ok(ExitCode::from(2));
+    Ok(finish(&[(&trace, &shown)]))
+}
+
+/// Loads a trace with a snapshot at `at`, if given: the trace and the
+/// resolved moment.
+fn load_at(path: &Path, at: Option<&TimeArg>) -> Result<(Trace, Option<Moment>), Unreadable> {
+    match at {
+        None => Ok((load(path, Vec::new())?, None)),
+        Some(at) => {
+            let ns = resolve(path, &[&at.spec])?[0];
+            let t = load(path, vec![Snapshot::new(ns, None)])?;
+            let m = Moment {
+                ns: ns.min(t.last_ts),
+                label: at.text.clone(),
+                snapshot: 0,
+            };
+            Ok((t, Some(m)))
+        }
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+fn flamegraph_cmd(args: FlameArgs) -> anyhow::Result<ExitCode> {
+    let shown = args.trace.display().to_string();
+    let metric = match args.metric {
+        FlameMetric::Outstanding => flame::Metric::Outstanding,
+        FlameMetric::Allocated => flame::Metric::Allocated,
+        FlameMetric::Count => flame::Metric::Count,
+    };
+    if args.at.is_some() && metric != flame::Metric::Outstanding {
+        bail!("--at applies to --metric outstanding only");
+    }
+    let Ok((trace, at)) = load_at(&args.trace, args.at.as_ref()) else {
+        return Ok(ExitCode::from(2));
+    };
+    let mut sym =
+        ElfSymbolizer::new(&trace.modules, args.debug_dir.clone()).with_exe(trace.exe.as_deref());
+    let lines = flame::folded(&trace, &mut sym, metric, at.as_ref().map(|m| m.snapshot));
+    print_warnings(&mut sym);
+    let exe = trace.exe.clone().unwrap_or_else(|| shown.clone());
+    let title = match (metric, &at) {
+        (flame::Metric::Outstanding, None) => format!("Bytes outstanding at the end: {exe}"),
+        (flame::Metric::Outstanding, Some(m)) => format!(
+            "Bytes outstanding at {:.3} s ({}): {exe}",
+            m.ns as f64 / 1e9,
+            m.label
+        ),
+        (flame::Metric::Allocated, _) => format!("Bytes allocated: {exe}"),
+        (flame::Metric::Count, _) => format!("Allocations: {exe}"),
+    };
+    let mut out = output(&args.output)?;
+    match args.format {
+        FlameFormat::Svg => flame::write_flamegraph(&lines, metric, &title, &mut out),
+        FlameFormat::Collapsed => flame::write_folded(&lines, &mut out),
+    }
+    .and_then(|()| out.flush())
+    .context("writing the flamegraph")?;
+    Ok(finish(&[(&trace, &shown)]))
+}
+
+fn timeline_cmd(args: TimelineArgs) -> anyhow::Result<ExitCode> {
+    let shown = args.trace.display().to_string();
+    let Ok(trace) = load(&args.trace, Vec::new()) else {
+        return Ok(ExitCode::from(2));
+    };
+    let mut out = output(&args.output)?;
+    match args.format {
+        TimelineFormat::Text => {
+            timeline::write_text(&timeline::build(&trace, &shown, args.points), &mut out)
+        }
+        TimelineFormat::Json => {
+            timeline::write_json(&timeline::build(&trace, &shown, args.points), &mut out)
+        }
+        TimelineFormat::Svg => timeline::write_svg(&timeline::build(&trace, &shown, 0), &mut out),
+    }
+    .and_then(|()| out.flush())
+    .context("writing the timeline")?;
+    Ok(finish(&[(&trace, &shown)]))
+}
+
+fn diff_cmd(args: DiffArgs) -> anyhow::Result<ExitCode> {
+    let opts = options(&args.grouping);
+    let report;
+    let code;
+    if let [old_path, new_path] = &args.traces[..] {
+        if args.from.is_some() || args.to.is_some() {
+            bail!(
+                "--from and --to compare two moments of one trace; with two traces, give neither"
+            );
+        }
+        let (Ok(old), Ok(new)) = (load(old_path, Vec::new()), load(new_path, Vec::new())) else {
+            return Ok(ExitCode::from(2));
+        };
+        let (old_shown, new_shown) = (
+            old_path.display().to_string(),
+            new_path.display().to_string(),
+        );
+        let mut old_sym = symbolizer(&old, &args.grouping);
+        let mut new_sym = symbolizer(&new, &args.grouping);
+        report = diff::trace_diff(
+            &old,
+            &old_shown,
+            &mut old_sym,
+            &new,
+            &new_shown,
+            &mut new_sym,
+            &opts,
+        );
+        print_warnings(&mut old_sym);
+        print_warnings(&mut new_sym);
+        code = finish(&[(&old, &old_shown), (&new, &new_shown)]);
+    } else {
+        let path = &args.traces[0];
+        let shown = path.display().to_string();
+        let start = TimeArg {
+            text: "start".into(),
+            spec: TimeSpec::Start,
+        };
+        let end = TimeArg {
+            text: "end".into(),
+            spec: TimeSpec::End,
+        };
+        let from = args.from.as_ref().unwrap_or(&start);
+        let to = args.to.as_ref().unwrap_or(&end);
+        let Ok(ns) = resolve(path, &[&from.spec, &to.spec]) else {
+            return Ok(ExitCode::from(2));
+        };
+        let (t1, t2) = (ns[0], ns[1]);
+        if t1 > t2 {
+            bail!(
+                "--from {} is after --to {}: the window must go forward in time",
+                from.text,
+                to.text
+            );
+        }
+        let snaps = vec![Snapshot::new(t1, None), Snapshot::new(t2, Some(t1))];
+        let Ok(trace) = load(path, snaps) else {
+            return Ok(ExitCode::from(2));
+        };
+        let end_ns = trace.last_ts;
+        let moment = |ns: u64, a: &TimeArg, i| Moment {
+            ns: ns.min(end_ns),
+            label: a.text.clone(),
+            snapshot: i,
+        };
+        let mut sym = symbolizer(&trace, &args.grouping);
+        report = diff::window_diff(
+            &trace,
+            &shown,
+            &mut sym,
+            &opts,
+            &moment(t1, from, 0),
+            &moment(t2, to, 1),
+        );
+        print_warnings(&mut sym);
+        code = finish(&[(&trace, &shown)]);
+    }
+    let mut out = output(&args.output)?;
+    match args.format {
+        DiffFormat::Text => diff::write_text(&report, &mut out),
+        DiffFormat::Json => diff::write_json(&report, &mut out),
+    }
+    .and_then(|()| out.flush())
+    .context("writing the growth report")?;
+    Ok(code)
 }

@@ -14,9 +14,10 @@ use std::io::{self, Write};
 use mtrace_format::mark;
 use serde::Serialize;
 
-use crate::analysis::{weight, Trace, TraceEnding};
+use crate::analysis::{SnapSums, Sums, Trace, TraceEnding};
 use crate::folds::Folds;
 use crate::fxhash::FxHashMap;
+use crate::memory::{self, human_bytes};
 use crate::symbolize::{Frame, Symbolizer};
 
 /// The label of a group whose stack was never written to the file (or whose
@@ -41,6 +42,19 @@ pub struct ReportOptions {
     /// Hide groups holding fewer bytes.
     pub min_bytes: u64,
     pub folds: Folds,
+    /// Report what was outstanding at this moment instead of at the end.
+    pub at: Option<Moment>,
+}
+
+/// A moment of the trace asked for on the command line, resolved.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Moment {
+    /// ns since the trace started.
+    pub ns: u64,
+    /// How the user named it (`2.5s`, `50%`, `peak`).
+    pub label: String,
+    /// Index of the trace's [`Snapshot`](crate::analysis::Snapshot) for it.
+    pub snapshot: usize,
 }
 
 impl Default for ReportOptions {
@@ -50,6 +64,7 @@ impl Default for ReportOptions {
             top: 20,
             min_bytes: 0,
             folds: Folds::with_defaults(),
+            at: None,
         }
     }
 }
@@ -58,6 +73,10 @@ impl Default for ReportOptions {
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub trace: TraceSummary,
+    /// The moment reported on; `null` for the end of the trace.
+    pub at: Option<AtOut>,
+    /// RSS beside live bytes.
+    pub memory: MemoryOut,
     pub totals: Totals,
     pub callers: Vec<Caller>,
     /// Groups before `--top` and `--min-bytes`.
@@ -88,6 +107,49 @@ pub struct TraceSummary {
     pub start_realtime_ns: u64,
     #[serde(skip)]
     pub lost_frees: u64,
+}
+
+/// The moment a report is about.
+#[derive(Clone, Debug, Serialize)]
+pub struct AtOut {
+    /// ns since the trace started.
+    pub ns: u64,
+    /// As given on the command line.
+    pub label: String,
+}
+
+/// RSS beside live bytes, from the tracer's STATS records. Allocator
+/// figures are `null` when the trace has none (an allocator other than
+/// glibc malloc); RSS figures are `null` when the trace has no STATS.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemoryOut {
+    pub stats_records: u64,
+    /// True when STATS records carry glibc's mallinfo2 figures.
+    pub allocator_stats: bool,
+    /// When the `*_end` figures were taken: the last STATS record (the end
+    /// of the trace when there is none).
+    pub end_ns: u64,
+    pub rss_end: Option<u64>,
+    /// Live bytes at `end_ns` (estimated in sampled mode).
+    pub live_end: u64,
+    pub free_held_end: Option<u64>,
+    pub arena_end: Option<u64>,
+    pub in_use_end: Option<u64>,
+    pub mmapped_end: Option<u64>,
+    /// The highest RSS of any STATS record, and when.
+    pub rss_peak: Option<u64>,
+    pub rss_peak_ns: Option<u64>,
+    pub live_at_rss_peak: Option<u64>,
+    pub free_held_at_rss_peak: Option<u64>,
+    /// The most bytes live at any moment, and when.
+    pub live_peak: u64,
+    pub live_peak_ns: u64,
+    /// Live bytes at the end minus their lowest in the second half.
+    pub live_growth_second_half: i64,
+    /// True when that growth is large enough to be the program's own.
+    pub live_grows: bool,
+    /// Plain words when glibc holds most of the RSS as freed memory.
+    pub retention_diagnosis: Option<String>,
 }
 
 /// A MARK record.
@@ -154,29 +216,33 @@ pub struct FrameOut {
     pub offset: u64,
 }
 
-/// Sums for one stack id or one group.
-#[derive(Clone, Copy, Debug, Default)]
-struct Agg {
-    bytes: f64,
-    objects: f64,
-    var: f64,
-    samples: u64,
-    estimated: bool,
+/// Something that can be summed over the stacks of a group.
+pub(crate) trait Additive: Copy + Default {
+    fn add_to(&mut self, o: &Self);
 }
 
-impl Agg {
-    fn add(&mut self, o: &Agg) {
-        self.bytes += o.bytes;
-        self.objects += o.objects;
-        self.var += o.var;
-        self.samples += o.samples;
-        self.estimated |= o.estimated;
+impl Additive for Sums {
+    fn add_to(&mut self, o: &Self) {
+        self.add(o);
+    }
+}
+
+impl Additive for SnapSums {
+    fn add_to(&mut self, o: &Self) {
+        self.add(o);
+    }
+}
+
+impl<A: Additive, B: Additive> Additive for (A, B) {
+    fn add_to(&mut self, o: &Self) {
+        self.0.add_to(&o.0);
+        self.1.add_to(&o.1);
     }
 }
 
 /// What a group is keyed by.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-enum Key {
+pub(crate) enum Key {
     NoStack,
     Stack(u64),
     /// Function name and module; an unnamed frame is keyed by its module
@@ -186,16 +252,26 @@ enum Key {
         module: Option<String>,
         offset: Option<u64>,
     },
+    /// A whole stack by its symbolized frame names, which stay the same from
+    /// one run of a program to the next (stack ids and addresses do not).
+    Frames(Vec<String>),
 }
 
 /// Caches symbolized addresses so each is resolved once.
-struct SymCache<'a> {
+pub(crate) struct SymCache<'a> {
     sym: &'a mut dyn Symbolizer,
     cache: FxHashMap<u64, Vec<Frame>>,
 }
 
-impl SymCache<'_> {
-    fn frames(&mut self, ret: u64) -> &[Frame] {
+impl<'a> SymCache<'a> {
+    pub(crate) fn new(sym: &'a mut dyn Symbolizer) -> SymCache<'a> {
+        SymCache {
+            sym,
+            cache: FxHashMap::default(),
+        }
+    }
+
+    pub(crate) fn frames(&mut self, ret: u64) -> &[Frame] {
         let sym = &mut *self.sym;
         self.cache.entry(ret).or_insert_with(|| sym.symbolize(ret))
     }
@@ -214,70 +290,157 @@ impl SymCache<'_> {
         let first = *stack.first()?;
         self.frames(first).first().cloned().map(|f| (0, f))
     }
+
+    /// Every frame of a stack, outermost first, inlined frames expanded,
+    /// named as in text (function, else `module+0xoffset`).
+    pub(crate) fn names_outermost_first(&mut self, stack: &[u64]) -> Vec<String> {
+        let mut names = Vec::new();
+        for &ret in stack.iter().rev() {
+            // Within one address the innermost inlined frame comes first.
+            for f in self.frames(ret).iter().rev() {
+                names.push(frame_name(&f.function, &f.module, f.offset));
+            }
+        }
+        names
+    }
 }
 
-/// Builds the report for a trace read from `path`.
+/// The group key of one stack id. `portable` keys whole stacks by their
+/// symbolized frames instead of their id, to match them across traces.
+pub(crate) fn key_of(
+    trace: &Trace,
+    id: u64,
+    cache: &mut SymCache,
+    opts: &ReportOptions,
+    portable: bool,
+) -> Key {
+    let frames = trace.stacks.get(&id).filter(|_| id != 0);
+    match (frames, opts.by) {
+        (None, _) => Key::NoStack,
+        (Some(f), GroupBy::Stack) if portable => {
+            let mut names = cache.names_outermost_first(f);
+            names.reverse();
+            Key::Frames(names)
+        }
+        (Some(_), GroupBy::Stack) => Key::Stack(id),
+        (Some(f), GroupBy::Function) => match cache.key_frame(f, &opts.folds) {
+            None => Key::NoStack,
+            Some((_, fr)) => Key::Function {
+                offset: fr.function.is_none().then_some(fr.offset),
+                function: fr.function,
+                module: fr.module,
+            },
+        },
+    }
+}
+
+/// Groups per-stack sums by `opts.by`: (key, sums, representative stack),
+/// the representative being the stack with the largest `rank`.
+pub(crate) fn group_stacks<T: Additive>(
+    trace: &Trace,
+    per_stack: &FxHashMap<u64, T>,
+    rank: impl Fn(&T) -> f64,
+    cache: &mut SymCache,
+    opts: &ReportOptions,
+    portable: bool,
+) -> Vec<(Key, T, u64)> {
+    let mut groups: FxHashMap<Key, (T, u64, f64)> = FxHashMap::default();
+    let mut stack_ids: Vec<u64> = per_stack.keys().copied().collect();
+    stack_ids.sort_unstable();
+    for id in stack_ids {
+        let agg = per_stack[&id];
+        let key = key_of(trace, id, cache, opts, portable);
+        let g = groups.entry(key).or_insert((T::default(), id, f64::MIN));
+        g.0.add_to(&agg);
+        if rank(&agg) > g.2 {
+            g.1 = id;
+            g.2 = rank(&agg);
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(k, (a, rep, _))| (k, a, rep))
+        .collect()
+}
+
+/// Where a group allocates and its representative stack.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Location {
+    pub function: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub module: Option<String>,
+    pub offset: u64,
+    pub stack: Vec<FrameOut>,
+}
+
+/// Symbolizes a group's location from its representative stack.
+pub(crate) fn locate(
+    trace: &Trace,
+    key: &Key,
+    rep: u64,
+    cache: &mut SymCache,
+    opts: &ReportOptions,
+) -> Location {
+    let mut loc = Location::default();
+    match (key, trace.stacks.get(&rep).filter(|_| rep != 0)) {
+        (Key::NoStack, _) | (_, None) => loc.function = Some(NO_STACK.to_string()),
+        (_, Some(stack)) => {
+            if let Some((_, f)) = cache.key_frame(stack, &opts.folds) {
+                loc.function = f.function;
+                loc.file = f.file;
+                loc.line = f.line;
+                loc.module = f.module;
+                loc.offset = f.offset;
+            }
+            for &ret in stack.iter() {
+                for f in cache.frames(ret) {
+                    loc.stack.push(FrameOut {
+                        address: format!("{ret:#x}"),
+                        function: f.function.clone(),
+                        file: f.file.clone(),
+                        line: f.line,
+                        module: f.module.clone(),
+                        inlined: f.inlined,
+                        offset: f.offset,
+                    });
+                }
+            }
+        }
+    }
+    loc
+}
+
+/// Builds the report for a trace read from `path`: what is outstanding at
+/// the end, or at `opts.at`.
 pub fn build_report(
     trace: &Trace,
     path: &str,
     sym: &mut dyn Symbolizer,
     opts: &ReportOptions,
 ) -> Report {
-    let rate = trace.header.sample_rate;
     // Step 1: sum live blocks per stack id.
-    let mut per_stack: FxHashMap<u64, Agg> = FxHashMap::default();
-    for b in trace.live_blocks() {
-        let w = weight(b.size, b.sampled, rate);
-        let a = per_stack.entry(b.stack).or_default();
-        a.add(&Agg {
-            bytes: w.bytes,
-            objects: w.objects,
-            var: w.bytes_var,
-            samples: 1,
-            estimated: b.sampled && rate > 1,
-        });
-    }
-    let mut total = Agg::default();
+    let per_stack: FxHashMap<u64, Sums> = match &opts.at {
+        Some(m) if m.snapshot < trace.snapshots.len() => trace
+            .snapshot(m.snapshot)
+            .into_iter()
+            .map(|(k, v)| (k, v.live))
+            .collect(),
+        _ => trace
+            .live_by_stack()
+            .into_iter()
+            .map(|(k, v)| (k, v.live))
+            .collect(),
+    };
+    let mut total = Sums::default();
     for a in per_stack.values() {
         total.add(a);
     }
 
     // Step 2: group stacks.
-    let mut cache = SymCache {
-        sym,
-        cache: FxHashMap::default(),
-    };
-    let mut groups: FxHashMap<Key, (Agg, u64, f64)> = FxHashMap::default();
-    let mut stack_ids: Vec<u64> = per_stack.keys().copied().collect();
-    stack_ids.sort_unstable();
-    for id in stack_ids {
-        let agg = per_stack[&id];
-        let frames = trace.stacks.get(&id).filter(|_| id != 0);
-        let key = match (frames, opts.by) {
-            (None, _) => Key::NoStack,
-            (Some(_), GroupBy::Stack) => Key::Stack(id),
-            (Some(f), GroupBy::Function) => match cache.key_frame(f, &opts.folds) {
-                None => Key::NoStack,
-                Some((_, fr)) => Key::Function {
-                    offset: fr.function.is_none().then_some(fr.offset),
-                    function: fr.function,
-                    module: fr.module,
-                },
-            },
-        };
-        let g = groups.entry(key).or_insert((Agg::default(), id, f64::MIN));
-        g.0.add(&agg);
-        // The representative stack is the one holding the most bytes.
-        if agg.bytes > g.2 {
-            g.1 = id;
-            g.2 = agg.bytes;
-        }
-    }
+    let mut cache = SymCache::new(sym);
+    let mut groups = group_stacks(trace, &per_stack, |a| a.bytes, &mut cache, opts, false);
     let n_groups = groups.len();
-    let mut groups: Vec<(Key, Agg, u64)> = groups
-        .into_iter()
-        .map(|(k, (a, rep, _))| (k, a, rep))
-        .collect();
     groups.sort_by(|a, b| b.1.bytes.total_cmp(&a.1.bytes).then_with(|| a.0.cmp(&b.0)));
 
     let mut callers = Vec::new();
@@ -294,51 +457,31 @@ pub fn build_report(
         } else {
             0.0
         };
-        let mut caller = Caller {
+        let loc = locate(trace, &key, rep, &mut cache, opts);
+        callers.push(Caller {
             rank: callers.len() + 1,
-            function: None,
-            file: None,
-            line: None,
-            module: None,
+            function: loc.function,
+            file: loc.file,
+            line: loc.line,
+            module: loc.module,
             bytes: agg.bytes.round() as u64,
             objects: agg.objects.round() as u64,
             samples: agg.samples,
             share,
             estimated: agg.estimated,
             rel_error,
-            stack: Vec::new(),
-            offset: 0,
-        };
-        match (key, trace.stacks.get(&rep).filter(|_| rep != 0)) {
-            (Key::NoStack, _) | (_, None) => caller.function = Some(NO_STACK.to_string()),
-            (_, Some(stack)) => {
-                if let Some((_, f)) = cache.key_frame(stack, &opts.folds) {
-                    caller.function = f.function;
-                    caller.file = f.file;
-                    caller.line = f.line;
-                    caller.module = f.module;
-                    caller.offset = f.offset;
-                }
-                for &ret in stack.iter() {
-                    for f in cache.frames(ret) {
-                        caller.stack.push(FrameOut {
-                            address: format!("{ret:#x}"),
-                            function: f.function.clone(),
-                            file: f.file.clone(),
-                            line: f.line,
-                            module: f.module.clone(),
-                            inlined: f.inlined,
-                            offset: f.offset,
-                        });
-                    }
-                }
-            }
-        }
-        callers.push(caller);
+            stack: loc.stack,
+            offset: loc.offset,
+        });
     }
 
     Report {
         trace: summarize(trace, path),
+        at: opts.at.as_ref().map(|m| AtOut {
+            ns: m.ns,
+            label: m.label.clone(),
+        }),
+        memory: memory_out(trace),
         totals: Totals {
             bytes: total.bytes.round() as u64,
             objects: total.objects.round() as u64,
@@ -349,7 +492,39 @@ pub fn build_report(
     }
 }
 
-fn summarize(trace: &Trace, path: &str) -> TraceSummary {
+/// The `memory` part of the report.
+pub fn memory_out(trace: &Trace) -> MemoryOut {
+    let m = &trace.memory;
+    let alloc = |v: Option<u64>| if m.allocator { v } else { None };
+    let last = m.last;
+    let peak = m.rss_peak;
+    let live_end = match last {
+        Some(p) => p.live,
+        None => trace.live_bytes(),
+    };
+    MemoryOut {
+        stats_records: m.stats_records,
+        allocator_stats: m.allocator,
+        end_ns: last.map_or(trace.last_ts, |p| p.ts_ns),
+        rss_end: last.and_then(|p| p.rss),
+        live_end: live_end.max(0.0).round() as u64,
+        free_held_end: last.and_then(|p| alloc(p.free_held)),
+        arena_end: last.and_then(|p| alloc(p.arena)),
+        in_use_end: last.and_then(|p| alloc(p.in_use)),
+        mmapped_end: last.and_then(|p| alloc(p.mmapped)),
+        rss_peak: peak.and_then(|p| p.rss),
+        rss_peak_ns: peak.map(|p| p.ts_ns),
+        live_at_rss_peak: peak.map(|p| p.live.max(0.0).round() as u64),
+        free_held_at_rss_peak: peak.and_then(|p| alloc(p.free_held)),
+        live_peak: m.live_peak.max(0.0).round() as u64,
+        live_peak_ns: m.live_peak_ts,
+        live_growth_second_half: m.live_growth(trace.last_ts).round() as i64,
+        live_grows: memory::live_grows(m, trace.last_ts),
+        retention_diagnosis: memory::retention_diagnosis(m, trace.last_ts),
+    }
+}
+
+pub(crate) fn summarize(trace: &Trace, path: &str) -> TraceSummary {
     let h = &trace.header;
     let ending = trace.ending.clone().unwrap_or(TraceEnding::CutOff);
     TraceSummary {
@@ -429,11 +604,11 @@ pub fn utc(ns: u64) -> String {
 }
 
 /// `1 object`, `2 objects`, `1,000 objects`.
-fn count(n: u64, one: &str, many: &str) -> String {
+pub(crate) fn count(n: u64, one: &str, many: &str) -> String {
     format!("{} {}", thousands(n), if n == 1 { one } else { many })
 }
 
-fn seconds(ns: u64) -> String {
+pub(crate) fn seconds(ns: u64) -> String {
     format!("{:.3} s", ns as f64 / 1e9)
 }
 
@@ -443,7 +618,11 @@ fn basename(p: &str) -> &str {
 
 /// How a frame is named in text: its function, else `module+0xoffset`, else
 /// the bare address.
-fn frame_name(function: &Option<String>, module: &Option<String>, offset: u64) -> String {
+pub(crate) fn frame_name(
+    function: &Option<String>,
+    module: &Option<String>,
+    offset: u64,
+) -> String {
     match (function, module) {
         (Some(f), _) => f.clone(),
         (None, Some(m)) if !m.is_empty() => format!("{m}+{offset:#x}"),
@@ -453,12 +632,120 @@ fn frame_name(function: &Option<String>, module: &Option<String>, offset: u64) -
 }
 
 /// Where a frame is in text: `file.c:42`, else the module.
-fn frame_place(file: &Option<String>, line: Option<u32>, module: &Option<String>) -> String {
+pub(crate) fn frame_place(
+    file: &Option<String>,
+    line: Option<u32>,
+    module: &Option<String>,
+) -> String {
     match (file, line) {
         (Some(f), Some(l)) => format!("{}:{l}", basename(f)),
         (Some(f), None) => basename(f).to_string(),
         (None, _) => module.clone().unwrap_or_default(),
     }
+}
+
+/// One moment's memory figures in text.
+fn memory_state(
+    rss: Option<u64>,
+    live: u64,
+    free: Option<u64>,
+    extra: &[(&str, Option<u64>)],
+) -> String {
+    let mut parts = Vec::new();
+    if let Some(r) = rss {
+        parts.push(format!("RSS {}", human_bytes(r as f64)));
+    }
+    parts.push(format!("live {}", human_bytes(live as f64)));
+    if let Some(f) = free {
+        parts.push(format!("allocator free {}", human_bytes(f as f64)));
+    }
+    let extra: Vec<String> = extra
+        .iter()
+        .filter_map(|(n, v)| v.map(|v| format!("{n} {}", human_bytes(v as f64))))
+        .collect();
+    let mut out = parts.join(", ");
+    if !extra.is_empty() {
+        let _ = write!(out, " ({})", extra.join(", "));
+    }
+    out
+}
+
+/// The header lines on memory: RSS beside live bytes at the end and at the
+/// peak of RSS, the peak of live bytes, and the diagnosis paragraph.
+fn write_memory(s: &mut String, m: &MemoryOut, sampled: bool) {
+    let tilde = if sampled { "~" } else { "" };
+    if m.stats_records == 0 {
+        let _ = writeln!(
+            s,
+            "  memory:    RSS not recorded (no statistics records in the trace)"
+        );
+    } else {
+        let mut end = format!(
+            "at end ({}): {}",
+            seconds(m.end_ns),
+            memory_state(
+                m.rss_end,
+                m.live_end,
+                m.free_held_end,
+                &[("arena", m.arena_end), ("mmapped", m.mmapped_end)]
+            )
+        );
+        if !m.allocator_stats {
+            end.push_str("; allocator statistics not available (not glibc malloc)");
+        }
+        let _ = writeln!(s, "  memory:    {end}");
+        if let (Some(ns), Some(live)) = (m.rss_peak_ns, m.live_at_rss_peak) {
+            if ns != m.end_ns {
+                let _ = writeln!(
+                    s,
+                    "             at RSS peak ({}): {}",
+                    seconds(ns),
+                    memory_state(m.rss_peak, live, m.free_held_at_rss_peak, &[])
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        s,
+        "  live peak: {tilde}{} ({tilde}{}) at {}",
+        human_bytes(m.live_peak as f64),
+        count(m.live_peak, "byte", "bytes"),
+        seconds(m.live_peak_ns)
+    );
+    if m.live_grows {
+        let _ = writeln!(
+            s,
+            "  growth:    live bytes rose by {tilde}{} from their low in the second half \
+             of the trace to its end (see `mtrace-analyze diff TRACE --from 50%`)",
+            human_bytes(m.live_growth_second_half as f64)
+        );
+    }
+    if let Some(d) = &m.retention_diagnosis {
+        s.push('\n');
+        for line in wrap(&format!("Diagnosis: {d}"), 78) {
+            let _ = writeln!(s, "{line}");
+        }
+        s.push('\n');
+    }
+}
+
+/// Greedy word wrap.
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut cur = String::new();
+    for w in text.split_whitespace() {
+        if !cur.is_empty() && cur.len() + 1 + w.len() > width {
+            lines.push(std::mem::take(&mut cur));
+        }
+        if !cur.is_empty() {
+            cur.push(' ');
+        }
+        cur.push_str(w);
+    }
+    if !cur.is_empty() {
+        lines.push(cur);
+    }
+    lines
 }
 
 /// Writes the human-readable report.
@@ -545,13 +832,19 @@ pub fn write_text(report: &Report, out: &mut dyn Write) -> io::Result<()> {
         "  file:      {}",
         t.ending_detail.as_deref().unwrap_or("ended cleanly")
     );
+    write_memory(&mut s, &report.memory, t.mode != "exact");
     let tilde = if report.totals.estimated { "~" } else { "" };
+    let when = match &report.at {
+        None => "end".to_string(),
+        Some(a) if a.label.ends_with('s') || a.label.parse::<f64>().is_ok() => seconds(a.ns),
+        Some(a) => format!("{} ({})", seconds(a.ns), a.label),
+    };
     if report.totals.objects == 0 && report.totals.bytes == 0 {
-        let _ = writeln!(s, "Outstanding at end: nothing");
+        let _ = writeln!(s, "Outstanding at {when}: nothing");
     } else {
         let _ = writeln!(
             s,
-            "Outstanding at end: {tilde}{} in {tilde}{} from {}",
+            "Outstanding at {when}: {tilde}{} in {tilde}{} from {}",
             count(report.totals.bytes, "byte", "bytes"),
             count(report.totals.objects, "object", "objects"),
             count(report.groups as u64, "caller", "callers"),

@@ -47,6 +47,9 @@
 //!   0x08  STATS    dt: sv, n: uv, n x (field: uv, value: uv)
 //!   0x09  END      dt: sv                 the tracer finished cleanly
 //!   0x0a  MARK     dt: sv, what: uv, value: uv  process events (fork, exec)
+//!   0x0b  CODE     dt: sv, start: uv, len: uv, name: bytes   (version 2)
+//!                  generated code (a JIT-compiled Java method, a JVM stub)
+//!                  at [start, start + len) from this time on
 //! ```
 //!
 //! Compatibility: a decoder reads every version from `MIN_READABLE_VERSION` to
@@ -58,7 +61,7 @@ use std::io::{self, Read};
 /// The first eight bytes of every trace.
 pub const MAGIC: [u8; 8] = *b"MTRACERS";
 /// The version this crate writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The oldest version this crate reads.
 pub const MIN_READABLE_VERSION: u32 = 1;
 /// Size of the fixed header page; the record stream starts at this offset.
@@ -82,6 +85,7 @@ pub mod tag {
     pub const STATS: u8 = 0x08;
     pub const END: u8 = 0x09;
     pub const MARK: u8 = 0x0a;
+    pub const CODE: u8 = 0x0b;
 }
 
 /// Why events were dropped; the numbers are part of the format.
@@ -311,6 +315,13 @@ pub enum Record {
         what: u64,
         value: u64,
     },
+    /// Generated code without a file: a JIT-compiled method or a VM stub.
+    Code {
+        ts: u64,
+        start: u64,
+        len: u64,
+        name: Vec<u8>,
+    },
 }
 
 /// A loaded object (the executable, a shared library, the vdso).
@@ -512,6 +523,14 @@ impl Encoder {
         self.dt(out, ts);
         put_uv(out, what);
         put_uv(out, value);
+    }
+
+    pub fn code(&mut self, out: &mut Vec<u8>, ts: u64, start: u64, len: u64, name: &[u8]) {
+        out.push(tag::CODE);
+        self.dt(out, ts);
+        put_uv(out, start);
+        put_uv(out, len);
+        put_bytes(out, name);
     }
 }
 
@@ -914,6 +933,18 @@ fn parse(window: &[u8], last_ts: &mut u64, last_addr: &mut u64) -> Parsed {
             let value = uv!();
             Record::Mark { ts, what, value }
         }
+        tag::CODE => {
+            let ts = dt!();
+            let start = uv!();
+            let len = uv!();
+            let name = bytes!();
+            Record::Code {
+                ts,
+                start,
+                len,
+                name,
+            }
+        }
         other => return Parsed::Bad(format!("unknown record tag 0x{other:02x}")),
     };
     *last_ts = ts;
@@ -959,6 +990,12 @@ mod tests {
                 Record::Stats { ts, fields } => enc.stats(&mut body, *ts, fields),
                 Record::End { ts } => enc.end(&mut body, *ts),
                 Record::Mark { ts, what, value } => enc.mark(&mut body, *ts, *what, *value),
+                Record::Code {
+                    ts,
+                    start,
+                    len,
+                    name,
+                } => enc.code(&mut body, *ts, *start, *len, name),
             }
         }
         let mut h = header();
@@ -1108,7 +1145,7 @@ mod tests {
         let err = Decoder::new(&bytes[..]).err().unwrap();
         assert_eq!(
             err.to_string(),
-            "written by trace format version 7, this analyzer reads 1-1"
+            "written by trace format version 7, this analyzer reads 1-2"
         );
     }
 

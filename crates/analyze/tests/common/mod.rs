@@ -92,6 +92,12 @@ impl TraceBuilder {
         self
     }
 
+    /// A STATS record with these (field, value) pairs.
+    pub fn stats_fields(mut self, ts: u64, fields: &[(u64, u64)]) -> Self {
+        self.enc.stats(&mut self.body, ts, fields);
+        self
+    }
+
     pub fn forked(mut self, ts: u64) -> Self {
         self.enc.mark(&mut self.body, ts, mark::FORKED, 1200);
         self
