@@ -229,6 +229,9 @@ pub struct Trace {
     pub cwd: Option<String>,
     /// Every MODULE record, in file order (later ones win on overlap).
     pub modules: Vec<Module>,
+    /// Generated code (CODE records: JIT-compiled methods, VM stubs), in
+    /// file order (later ones win on overlap).
+    pub code: Vec<crate::symbolize::CodeRange>,
     /// Stack id -> return addresses, innermost first.
     pub stacks: FxHashMap<u64, Box<[u64]>>,
     /// ALLOC and SAMPLE records read.
@@ -270,6 +273,7 @@ impl Trace {
             cmdline: Vec::new(),
             cwd: None,
             modules: Vec::new(),
+            code: Vec::new(),
             stacks: FxHashMap::default(),
             allocs: 0,
             frees: 0,
@@ -401,8 +405,19 @@ impl Trace {
                 self.see_ts(ts);
                 self.marks.push(Mark { ts, what, value });
             }
-            // JIT code ranges (format version 2): symbolized in a later step.
-            Record::Code { ts, .. } => self.see_ts(ts),
+            Record::Code {
+                ts,
+                start,
+                len,
+                name,
+            } => {
+                self.see_ts(ts);
+                self.code.push(crate::symbolize::CodeRange {
+                    start,
+                    len,
+                    name: String::from_utf8_lossy(&name).into_owned(),
+                });
+            }
         }
     }
 

@@ -67,6 +67,15 @@ pub const DEFAULT_FOLDS: &[&str] = &[
     "os::realloc",
     "AllocateHeap",
     "ReallocateHeap",
+    // Java's native memory entry points: the caller worth naming is the Java
+    // method above them (JIT frames are named from CODE records or a perf
+    // map).
+    "Unsafe_AllocateMemory0",
+    "Unsafe_ReallocateMemory0",
+    "jdk.internal.misc.Unsafe.*",
+    "sun.misc.Unsafe.*",
+    "java.nio.DirectByteBuffer.<init>",
+    "java.nio.ByteBuffer.allocateDirect",
     // Rust's global allocator and collections' growth paths.
     "__rust_alloc",
     "__rust_alloc_zeroed",

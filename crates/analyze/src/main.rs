@@ -307,7 +307,20 @@ fn options(g: &Grouping) -> ReportOptions {
 }
 
 fn symbolizer(trace: &Trace, g: &Grouping) -> ElfSymbolizer {
-    ElfSymbolizer::new(&trace.modules, g.debug_dir.clone()).with_exe(trace.exe.as_deref())
+    new_symbolizer(trace, g.debug_dir.clone())
+}
+
+/// A symbolizer for `trace`: its modules, its CODE records, and the JVM's
+/// perf map `/tmp/perf-<pid>.map` when one exists (written by
+/// `jcmd PID Compiler.perfmap` or `-XX:+DumpPerfMapAtExit`).
+fn new_symbolizer(trace: &Trace, debug_dirs: Vec<std::path::PathBuf>) -> ElfSymbolizer {
+    let perf_map = std::fs::read_to_string(format!("/tmp/perf-{}.map", trace.header.pid))
+        .map(|t| mtrace_analyze::symbolize::read_perf_map(&t))
+        .unwrap_or_default();
+    ElfSymbolizer::new(&trace.modules, debug_dirs)
+        .with_exe(trace.exe.as_deref())
+        .with_code(&perf_map)
+        .with_code(&trace.code)
 }
 
 fn print_warnings(sym: &mut dyn Symbolizer) {
@@ -403,8 +416,7 @@ fn flamegraph_cmd(args: FlameArgs) -> anyhow::Result<ExitCode> {
     let Ok((trace, at)) = load_at(&args.trace, args.at.as_ref()) else {
         return Ok(ExitCode::from(2));
     };
-    let mut sym =
-        ElfSymbolizer::new(&trace.modules, args.debug_dir.clone()).with_exe(trace.exe.as_deref());
+    let mut sym = new_symbolizer(&trace, args.debug_dir.clone());
     let lines = flame::folded(&trace, &mut sym, metric, at.as_ref().map(|m| m.snapshot));
     print_warnings(&mut sym);
     let exe = trace.exe.clone().unwrap_or_else(|| shown.clone());

@@ -277,7 +277,9 @@ impl<'a> SymCache<'a> {
     }
 
     /// The first frame of a stack that is not a wrapper, as (address index,
-    /// frame). Falls back to the innermost frame when everything folds.
+    /// frame). When everything folds (a stack cut short above the allocator,
+    /// e.g. at JIT code the unwinder could not cross) the outermost frame is
+    /// the most telling one left.
     fn key_frame(&mut self, stack: &[u64], folds: &Folds) -> Option<(usize, Frame)> {
         for (i, &ret) in stack.iter().enumerate() {
             for f in self.frames(ret) {
@@ -287,8 +289,8 @@ impl<'a> SymCache<'a> {
                 }
             }
         }
-        let first = *stack.first()?;
-        self.frames(first).first().cloned().map(|f| (0, f))
+        let i = stack.len().checked_sub(1)?;
+        self.frames(stack[i]).last().cloned().map(|f| (i, f))
     }
 
     /// Every frame of a stack, outermost first, inlined frames expanded,

@@ -95,9 +95,35 @@ struct ModuleEntry {
     state: LoadState,
 }
 
+/// A range of generated code with its name: from the trace's CODE records
+/// (the JVMTI agent) or a perf map (`/tmp/perf-<pid>.map`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CodeRange {
+    pub start: u64,
+    pub len: u64,
+    pub name: String,
+}
+
+/// Reads a perf map: lines of `START SIZE name` with hexadecimal START and
+/// SIZE, as written by `jcmd PID Compiler.perfmap`, `-XX:+DumpPerfMapAtExit`,
+/// perf-map-agent and node's `--perf-basic-prof`. Bad lines are skipped.
+pub fn read_perf_map(text: &str) -> Vec<CodeRange> {
+    text.lines()
+        .filter_map(|line| {
+            let mut parts = line.splitn(3, ' ');
+            let start = u64::from_str_radix(parts.next()?.trim_start_matches("0x"), 16).ok()?;
+            let len = u64::from_str_radix(parts.next()?.trim_start_matches("0x"), 16).ok()?;
+            let name = parts.next()?.trim().to_string();
+            (!name.is_empty()).then_some(CodeRange { start, len, name })
+        })
+        .collect()
+}
+
 /// Symbolizes with the ELF files named in the trace's MODULE records.
 pub struct ElfSymbolizer {
     modules: Vec<ModuleEntry>,
+    /// Generated code, sorted by start; consulted for addresses in no module.
+    code: Vec<CodeRange>,
     /// The executable's path (INFO "exe"), for a main-program module that
     /// was recorded without a path.
     exe: Option<PathBuf>,
@@ -118,10 +144,33 @@ impl ElfSymbolizer {
                     state: LoadState::NotTried,
                 })
                 .collect(),
+            code: Vec::new(),
             exe: None,
             debug_dirs,
             warnings: Vec::new(),
         }
+    }
+
+    /// Adds generated-code ranges (later ones win where they overlap: the
+    /// JIT reuses addresses after it unloads code).
+    pub fn with_code(mut self, ranges: &[CodeRange]) -> ElfSymbolizer {
+        // A stable sort keeps file order among equal starts; the lookup
+        // takes the last range that contains the address.
+        self.code.extend(ranges.iter().cloned());
+        self.code.sort_by_key(|r| r.start);
+        self
+    }
+
+    /// The name of the generated code holding `pc`, if any.
+    fn find_code(&self, pc: u64) -> Option<&CodeRange> {
+        let end = self.code.partition_point(|r| r.start <= pc);
+        // Ranges are short and rarely nested: look back a little for one
+        // that contains pc, preferring the latest start.
+        self.code[..end]
+            .iter()
+            .rev()
+            .take(64)
+            .find(|r| pc - r.start < r.len.max(1))
     }
 
     /// Uses `exe` for a module recorded without a path whose build-id
@@ -183,6 +232,14 @@ impl Symbolizer for ElfSymbolizer {
     fn symbolize(&mut self, ret: u64) -> Vec<Frame> {
         let pc = ret.saturating_sub(1);
         let Some(idx) = self.find_module(pc) else {
+            if let Some(r) = self.find_code(pc) {
+                return vec![Frame {
+                    function: Some(r.name.clone()),
+                    module: Some("[jit]".to_string()),
+                    offset: ret - r.start,
+                    ..Frame::default()
+                }];
+            }
             return vec![Frame {
                 offset: ret,
                 ..Frame::default()
@@ -414,6 +471,33 @@ mod tests {
         assert_eq!(a[0].offset, 0x100);
         assert_eq!(b[0].offset, 0x200);
         assert_eq!(s.take_warnings().len(), 1);
+    }
+
+    #[test]
+    fn jit_code_names_addresses_outside_every_module() {
+        let map = read_perf_map(
+            "7f00001000 40 LOffHeapLeak;::encodeOnDisconnect\n\
+             bad line\n\
+             7f00002000 20 Interpreter\n",
+        );
+        assert_eq!(map.len(), 2);
+        let later = CodeRange {
+            start: 0x7f0000_1000,
+            len: 0x10,
+            name: "recompiled".into(),
+        };
+        let mut s = ElfSymbolizer::new(&[], Vec::new())
+            .with_code(&map)
+            .with_code(&[later]);
+        let f = &s.symbolize(0x7f0000_1008)[0];
+        assert_eq!(f.function.as_deref(), Some("recompiled"));
+        assert_eq!(f.module.as_deref(), Some("[jit]"));
+        let f = &s.symbolize(0x7f0000_1030)[0];
+        assert_eq!(
+            f.function.as_deref(),
+            Some("LOffHeapLeak;::encodeOnDisconnect")
+        );
+        assert_eq!(s.symbolize(0x7f0000_3000)[0].function, None);
     }
 
     #[test]
