@@ -217,6 +217,21 @@ pub struct Mark {
     pub value: u64,
 }
 
+/// The tracer's leak scan at exit: which live blocks nothing pointed to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// Blocks live when the scan ran.
+    pub live: u64,
+    /// Addresses of the unreachable ones, ascending.
+    pub unreachable: Vec<u64>,
+}
+
+impl Scan {
+    pub fn is_unreachable(&self, addr: u64) -> bool {
+        self.unreachable.binary_search(&addr).is_ok()
+    }
+}
+
 /// Everything the analyzer keeps from one trace.
 #[derive(Debug)]
 pub struct Trace {
@@ -229,6 +244,8 @@ pub struct Trace {
     pub cwd: Option<String>,
     /// Every MODULE record, in file order (later ones win on overlap).
     pub modules: Vec<Module>,
+    /// The leak scan at exit (SCAN record), when the tracer ran one.
+    pub scan: Option<Scan>,
     /// Generated code (CODE records: JIT-compiled methods, VM stubs), in
     /// file order (later ones win on overlap).
     pub code: Vec<crate::symbolize::CodeRange>,
@@ -274,6 +291,7 @@ impl Trace {
             cwd: None,
             modules: Vec::new(),
             code: Vec::new(),
+            scan: None,
             stacks: FxHashMap::default(),
             allocs: 0,
             frees: 0,
@@ -404,6 +422,15 @@ impl Trace {
             Record::Mark { ts, what, value } => {
                 self.see_ts(ts);
                 self.marks.push(Mark { ts, what, value });
+            }
+            // The exit leak scan: classified by `mtrace-analyze check`.
+            Record::Scan {
+                ts,
+                live,
+                unreachable,
+            } => {
+                self.see_ts(ts);
+                self.scan = Some(Scan { live, unreachable });
             }
             Record::Code {
                 ts,

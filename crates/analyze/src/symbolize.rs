@@ -235,7 +235,7 @@ impl Symbolizer for ElfSymbolizer {
             if let Some(r) = self.find_code(pc) {
                 return vec![Frame {
                     function: Some(r.name.clone()),
-                    module: Some("[jit]".to_string()),
+                    module: Some("jit".to_string()),
                     offset: ret - r.start,
                     ..Frame::default()
                 }];
@@ -491,7 +491,7 @@ mod tests {
             .with_code(&[later]);
         let f = &s.symbolize(0x7f0000_1008)[0];
         assert_eq!(f.function.as_deref(), Some("recompiled"));
-        assert_eq!(f.module.as_deref(), Some("[jit]"));
+        assert_eq!(f.module.as_deref(), Some("jit"));
         let f = &s.symbolize(0x7f0000_1030)[0];
         assert_eq!(
             f.function.as_deref(),

@@ -50,6 +50,12 @@
 //!   0x0b  CODE     dt: sv, start: uv, len: uv, name: bytes   (version 2)
 //!                  generated code (a JIT-compiled Java method, a JVM stub)
 //!                  at [start, start + len) from this time on
+//!   0x0c  SCAN     dt: sv, live: uv, n: uv, n x addr delta: sv   (version 2)
+//!                  the leak scan at exit: of `live` blocks live then, the `n`
+//!                  listed (ascending addresses, first delta from 0) were
+//!                  unreachable (no pointer to them from data segments, the
+//!                  exiting thread's stack and TLS, or reachable blocks);
+//!                  the others were reachable
 //! ```
 //!
 //! Compatibility: a decoder reads every version from `MIN_READABLE_VERSION` to
@@ -86,6 +92,7 @@ pub mod tag {
     pub const END: u8 = 0x09;
     pub const MARK: u8 = 0x0a;
     pub const CODE: u8 = 0x0b;
+    pub const SCAN: u8 = 0x0c;
 }
 
 /// Why events were dropped; the numbers are part of the format.
@@ -322,6 +329,13 @@ pub enum Record {
         len: u64,
         name: Vec<u8>,
     },
+    /// The leak scan at exit: `unreachable` lists the addresses (ascending)
+    /// of the blocks nothing pointed to, out of `live` blocks live then.
+    Scan {
+        ts: u64,
+        live: u64,
+        unreachable: Vec<u64>,
+    },
 }
 
 /// A loaded object (the executable, a shared library, the vdso).
@@ -523,6 +537,19 @@ impl Encoder {
         self.dt(out, ts);
         put_uv(out, what);
         put_uv(out, value);
+    }
+
+    /// `unreachable` must be sorted ascending.
+    pub fn scan(&mut self, out: &mut Vec<u8>, ts: u64, live: u64, unreachable: &[u64]) {
+        out.push(tag::SCAN);
+        self.dt(out, ts);
+        put_uv(out, live);
+        put_uv(out, unreachable.len() as u64);
+        let mut prev = 0u64;
+        for &a in unreachable {
+            put_sv(out, a.wrapping_sub(prev) as i64);
+            prev = a;
+        }
     }
 
     pub fn code(&mut self, out: &mut Vec<u8>, ts: u64, start: u64, len: u64, name: &[u8]) {
@@ -945,6 +972,27 @@ fn parse(window: &[u8], last_ts: &mut u64, last_addr: &mut u64) -> Parsed {
                 name,
             }
         }
+        tag::SCAN => {
+            let ts = dt!();
+            let live = uv!();
+            let n = uv!();
+            // Each entry takes at least one byte: a count beyond the record
+            // limit is corruption, not a reason to allocate.
+            if n > MAX_RECORD as u64 {
+                return Parsed::Bad(format!("a scan listing {n} blocks"));
+            }
+            let mut unreachable = Vec::with_capacity(n.min(4096) as usize);
+            let mut prev = 0u64;
+            for _ in 0..n {
+                prev = prev.wrapping_add(unzig(uv!()) as u64);
+                unreachable.push(prev);
+            }
+            Record::Scan {
+                ts,
+                live,
+                unreachable,
+            }
+        }
         other => return Parsed::Bad(format!("unknown record tag 0x{other:02x}")),
     };
     *last_ts = ts;
@@ -996,6 +1044,11 @@ mod tests {
                     len,
                     name,
                 } => enc.code(&mut body, *ts, *start, *len, name),
+                Record::Scan {
+                    ts,
+                    live,
+                    unreachable,
+                } => enc.scan(&mut body, *ts, *live, unreachable),
             }
         }
         let mut h = header();
@@ -1054,6 +1107,11 @@ mod tests {
                 ts: 21,
                 what: mark::FORKED,
                 value: 9,
+            },
+            Record::Scan {
+                ts: 29,
+                live: 12,
+                unreachable: vec![0x1000_0090, 0x5555_0000_0000],
             },
             Record::End { ts: 30 },
         ]

@@ -457,3 +457,32 @@ pub unsafe extern "C" fn _exit(status: c_int) -> ! {
     #[allow(clippy::empty_loop)]
     loop {}
 }
+
+// ---------------------------------------------------------------------------
+// JVMTI agent entry points: `java -agentpath:/path/to/libmtrace_rs.so`.
+
+/// # Safety
+/// Called by the JVM with its JavaVM.
+#[allow(non_snake_case)]
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn Agent_OnLoad(
+    vm: *mut c_void,
+    _options: *mut c_char,
+    _reserved: *mut c_void,
+) -> c_int {
+    // SAFETY: the JVM's own JavaVM.
+    unsafe { crate::jvmti::start(vm, false) }
+}
+
+/// # Safety
+/// Called by the JVM with its JavaVM when an agent is attached at run time.
+#[allow(non_snake_case)]
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn Agent_OnAttach(
+    vm: *mut c_void,
+    _options: *mut c_char,
+    _reserved: *mut c_void,
+) -> c_int {
+    // SAFETY: the JVM's own JavaVM.
+    unsafe { crate::jvmti::start(vm, true) }
+}

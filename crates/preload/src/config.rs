@@ -15,9 +15,13 @@ pub const MAX_DEPTH: usize = 256;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Unwind {
-    /// DWARF call frame information through libgcc's unwinder: right for any
-    /// code that has unwind tables.
+    /// DWARF call frame information, cached per thread as compact rules
+    /// (`unwind.rs`), with libgcc's unwinder for what the rules cannot
+    /// express: right for any code that has unwind tables.
     Dwarf,
+    /// Every stack through libgcc's `_Unwind_Backtrace` (slow; for
+    /// comparison with `dwarf`).
+    Libgcc,
     /// Frame-pointer chain: fast, right only where every frame keeps frame
     /// pointers.
     FramePointers,
@@ -145,8 +149,9 @@ impl Config {
             match v {
                 b"dwarf" => c.unwind = Unwind::Dwarf,
                 b"fp" => c.unwind = Unwind::FramePointers,
+                b"libgcc" => c.unwind = Unwind::Libgcc,
                 _ => {
-                    bad(b"MTRACE_RS_UNWIND", v, b"expected dwarf or fp");
+                    bad(b"MTRACE_RS_UNWIND", v, b"expected dwarf, fp or libgcc");
                     ok = false;
                 }
             }

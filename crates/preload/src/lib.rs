@@ -17,17 +17,19 @@
 
 pub mod api;
 pub mod config;
+pub mod jvmti;
 pub mod real;
 pub mod ring;
 pub mod sampled;
 pub mod stacks;
 pub mod sys;
 pub mod tracer;
+pub mod unwind;
 pub mod writer;
 
 pub use api::{
     _exit, aligned_alloc, calloc, execv, execve, execvp, execvpe, free, malloc, malloc_usable_size,
-    memalign, posix_memalign, pvalloc, realloc, reallocarray, valloc,
+    memalign, posix_memalign, pvalloc, realloc, reallocarray, valloc, Agent_OnAttach, Agent_OnLoad,
 };
 
 use core::sync::atomic::{AtomicUsize, Ordering::*};
@@ -62,6 +64,7 @@ extern "C" fn init() {
             tracer::STATE.store(tracer::FINISHED, Release);
             return;
         }
+        unwind::init(cfg.unwind == config::Unwind::Libgcc);
         tracer::configure(cfg.sample_bytes, cfg.depth, cfg.seed, cfg.unwind);
         tracer::init_exit_key();
         tracer::start();

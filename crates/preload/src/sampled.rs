@@ -68,36 +68,30 @@ pub fn insert(addr: u64) -> bool {
     false
 }
 
-/// Removes `addr` if it is a live sampled block; true if it was.
-pub fn remove(addr: u64) -> bool {
+/// The slot holding `addr`, if `addr` is a live sampled block.
+fn find(addr: u64) -> Option<&'static AtomicU64> {
     let s = start(addr);
     for k in 0..MAX_PROBES {
-        let Some(sl) = slot(s + k) else { return false };
+        let sl = slot(s + k)?;
         let v = sl.load(Acquire);
         if v == EMPTY {
-            return false;
+            return None;
         }
         if v == addr {
-            return sl.compare_exchange(addr, TOMB, AcqRel, Relaxed).is_ok();
+            return Some(sl);
         }
     }
-    false
+    None
+}
+
+/// Removes `addr` if it is a live sampled block; true if it was.
+pub fn remove(addr: u64) -> bool {
+    find(addr).is_some_and(|sl| sl.compare_exchange(addr, TOMB, AcqRel, Relaxed).is_ok())
 }
 
 /// True if `addr` is a live sampled block.
 pub fn contains(addr: u64) -> bool {
-    let s = start(addr);
-    for k in 0..MAX_PROBES {
-        let Some(sl) = slot(s + k) else { return false };
-        let v = sl.load(Acquire);
-        if v == EMPTY {
-            return false;
-        }
-        if v == addr {
-            return true;
-        }
-    }
-    false
+    find(addr).is_some()
 }
 
 #[cfg(test)]

@@ -69,8 +69,6 @@ pub struct Tls {
     extra: Cell<i64>,
     rng: Cell<u64>,
     ring: Cell<*mut Ring>,
-    stack_lo: Cell<usize>,
-    stack_hi: Cell<usize>,
     /// True while this thread runs tracer code.
     pub guard: Cell<bool>,
     /// The writer thread: never traced.
@@ -239,28 +237,8 @@ fn init_thread(t: &Tls) {
         splitmix(sys::now_ns() ^ ((sys::gettid() as u64) << 32) ^ (t as *const Tls as u64))
     };
     t.rng.set(seed | 1);
-    if FP_UNWIND.load(Relaxed) {
-        stack_bounds(t);
-    }
     set_remaining(t, draw(t));
     t.ready.set(true);
-}
-
-fn stack_bounds(t: &Tls) {
-    // SAFETY: pthread_getattr_np fills `attr` for the calling thread; it may
-    // allocate, which is fine here because the guard is set by our caller.
-    unsafe {
-        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
-        if libc::pthread_getattr_np(libc::pthread_self(), &mut attr) == 0 {
-            let mut addr: *mut libc::c_void = core::ptr::null_mut();
-            let mut size: usize = 0;
-            if libc::pthread_attr_getstack(&attr, &mut addr, &mut size) == 0 {
-                t.stack_lo.set(addr as usize);
-                t.stack_hi.set(addr as usize + size);
-            }
-            libc::pthread_attr_destroy(&mut attr);
-        }
-    }
 }
 
 /// Splits the bytes left to the next sample point into the capped countdown
@@ -346,7 +324,7 @@ pub fn record_alloc(t: &Tls, ptr: *mut libc::c_void, size: usize, d: Decision) {
             return;
         }
     }
-    let stack = capture_stack(t);
+    let stack = capture_stack();
     let kind = if d == Decision::Sample {
         ring::KIND_SAMPLE
     } else {
@@ -400,13 +378,16 @@ pub fn record_free(t: &Tls, ptr: *mut libc::c_void, ts: u64) {
     sys::set_errno(errno);
 }
 
-fn capture_stack(t: &Tls) -> u32 {
+fn capture_stack() -> u32 {
     let mut frames = [0u64; MAX_DEPTH];
     let depth = DEPTH.load(Relaxed).min(MAX_DEPTH);
     let n = if FP_UNWIND.load(Relaxed) {
-        stacks::capture_fp(&mut frames[..depth], t.stack_lo.get(), t.stack_hi.get())
+        match crate::unwind::thread_stack() {
+            Some((lo, hi)) => stacks::capture_fp(&mut frames[..depth], lo, hi),
+            None => 0,
+        }
     } else {
-        stacks::capture_dwarf(&mut frames[..depth])
+        crate::unwind::capture(&mut frames[..depth])
     };
     if n == 0 {
         return 0;

@@ -260,6 +260,22 @@ pub fn before_exec() {
     unlock();
 }
 
+/// Records a range of generated code (from the JVMTI agent) right away, so
+/// that it is in the file before the JVM can be killed.
+pub fn code(start: u64, len: u64, name: &[u8]) {
+    if !tracer::running() || !is_owner() {
+        return;
+    }
+    lock();
+    if let Some(w) = writer() {
+        let ts = sys::now_ns().saturating_sub(w.start_mono);
+        let mut buf = Vec::with_capacity(32 + name.len());
+        w.enc.code(&mut buf, ts, start, len, name);
+        w.append(&buf);
+    }
+    unlock();
+}
+
 /// Writes everything and the END record; after this, hooks stop recording.
 /// Runs from the library destructor and from `_exit`.
 pub fn finish() {
@@ -648,6 +664,8 @@ impl Writer {
         if !changed {
             return;
         }
+        // New or removed objects: the unwinder needs their unwind tables.
+        crate::unwind::refresh();
         let ts = sys::now_ns().saturating_sub(self.start_mono);
         for mut m in found {
             m.ts = ts;
