@@ -41,6 +41,8 @@ pub struct Config {
     /// How often the writer records RSS and allocator statistics; 0 = never.
     pub stats_ms: u64,
     pub unwind: Unwind,
+    /// Scan for unreachable blocks at exit (exact mode only).
+    pub leak_scan: bool,
 }
 
 pub const DEFAULT_SAMPLE_BYTES: u64 = 512 * 1024;
@@ -63,6 +65,7 @@ impl Config {
             flush_ms: 10,
             stats_ms: 100,
             unwind: Unwind::Dwarf,
+            leak_scan: false,
         }
     }
 
@@ -156,13 +159,24 @@ impl Config {
                 }
             }
         }
+        if let Some(v) = getenv(b"MTRACE_RS_LEAK_SCAN\0") {
+            match v {
+                b"1" => c.leak_scan = true,
+                b"0" => c.leak_scan = false,
+                _ => {
+                    bad(b"MTRACE_RS_LEAK_SCAN", v, b"expected 0 or 1");
+                    ok = false;
+                }
+            }
+        }
         warn_unknown();
         ok.then_some(c)
     }
 }
 
 /// Every variable we read, for the typo check.
-const KNOWN: [&[u8]; 8] = [
+const KNOWN: [&[u8]; 9] = [
+    b"MTRACE_RS_LEAK_SCAN",
     b"MTRACE_RS_OUT",
     b"MTRACE_RS_SAMPLE_BYTES",
     b"MTRACE_RS_DEPTH",

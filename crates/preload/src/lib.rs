@@ -18,6 +18,7 @@
 pub mod api;
 pub mod config;
 pub mod jvmti;
+pub mod leakscan;
 pub mod real;
 pub mod ring;
 pub mod sampled;

@@ -243,6 +243,11 @@ pub fn set_self_range(lo: usize, hi: usize) {
     SELF_HI.store(hi, Relaxed);
 }
 
+/// This library's mapped range.
+pub fn self_range() -> (u64, u64) {
+    (SELF_LO.load(Relaxed) as u64, SELF_HI.load(Relaxed) as u64)
+}
+
 #[inline]
 fn is_self(ip: u64) -> bool {
     let ip = ip as usize;

@@ -265,10 +265,12 @@ pub enum Decision {
 /// failed (the countdown was not yet charged).
 pub fn decide(t: &Tls, size: usize) -> Decision {
     if STATE.load(Acquire) != RUNNING {
-        // Check again after a while: tracing may start later (the
-        // constructor has not run yet), or never (disabled, finished).
+        // Before the constructor has run, check again on every allocation
+        // (only start-up code runs then, and exact mode must not miss the
+        // first allocations after it); once tracing is disabled or finished,
+        // never again.
         t.countdown.set(if STATE.load(Relaxed) == OFF {
-            1 << 16
+            0
         } else {
             i64::MAX / 4
         });

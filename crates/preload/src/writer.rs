@@ -60,6 +60,8 @@ static WRITE_FAILED: AtomicU64 = AtomicU64::new(0);
 /// memory but is another process: it must neither write into nor finish its
 /// parent's file.
 static OWNER_PID: AtomicU32 = AtomicU32::new(0);
+/// MTRACE_RS_LEAK_SCAN.
+static LEAK_SCAN: AtomicBool = AtomicBool::new(false);
 
 fn is_owner() -> bool {
     OWNER_PID.load(Relaxed) == sys::getpid()
@@ -131,6 +133,7 @@ pub fn start(cfg: &Config, ppid: u32, forked: bool) -> bool {
     header.encode(unsafe { core::slice::from_raw_parts_mut(w.map, HEADER_SIZE) });
     w.write_info(forked, ppid);
     let w = Box::into_raw(w);
+    LEAK_SCAN.store(cfg.leak_scan, Relaxed);
     OWNER_PID.store(pid, Relaxed);
     WRITER.store(w, Release);
     STOP.store(false, Release);
@@ -288,10 +291,14 @@ pub fn finish() {
     {
         return;
     }
+    let sp = crate::leakscan::current_sp();
     STOP.store(true, Release);
     lock();
     if let Some(w) = writer() {
         w.cycle();
+        if LEAK_SCAN.load(Relaxed) && tracer::exact() {
+            tracer::with_internal(|| w.leak_scan(sp));
+        }
         w.close();
     }
     // BUSY stays held: nothing may write to the closed file.
@@ -441,6 +448,23 @@ impl Writer {
         if forked {
             self.enc.mark(&mut buf, 0, fmt::mark::FORKED, ppid as u64);
         }
+        self.append(&buf);
+    }
+
+    /// Runs the exit leak scan over what the file holds and records which
+    /// live blocks were unreachable.
+    fn leak_scan(&mut self, stack_from: u64) {
+        if self.map.is_null() || self.broken {
+            return;
+        }
+        // SAFETY: the mapping covers the header and `pos` bytes of records,
+        // and nothing writes to it while we hold BUSY.
+        let file = unsafe { core::slice::from_raw_parts(self.map, HEADER_SIZE + self.pos) };
+        let live = crate::leakscan::live_blocks(file);
+        let lost = crate::leakscan::unreachable(&live, stacks::self_range(), stack_from);
+        let ts = sys::now_ns().saturating_sub(self.start_mono);
+        let mut buf = Vec::with_capacity(16 + lost.len() * 3);
+        self.enc.scan(&mut buf, ts, live.len() as u64, &lost);
         self.append(&buf);
     }
 
