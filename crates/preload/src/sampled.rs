@@ -31,12 +31,15 @@ pub const ALIGN: usize = 4096;
 static SET: AtomicUsize = AtomicUsize::new(0);
 
 pub fn init() -> bool {
-    let p = sys::map_anon(SLOTS * 8);
-    if p.is_null() {
-        return false;
-    }
-    SET.store(p as usize, Release);
-    true
+    // Called from the constructor (and by unit tests, concurrently).
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let p = sys::map_anon(SLOTS * 8);
+        if !p.is_null() {
+            SET.store(p as usize, Release);
+        }
+    });
+    SET.load(Acquire) != 0
 }
 
 #[inline]

@@ -51,18 +51,25 @@ static ARENA_USED: AtomicUsize = AtomicUsize::new(0);
 /// The last id handed out; ids start at 1.
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 
-/// Reserves the table's mappings. False when the system refuses memory.
+/// Reserves the table's mappings (once). False when the system refuses
+/// memory.
 pub fn init() -> bool {
+    // Called from the constructor (and by unit tests, concurrently).
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(map_tables);
+    TABLE_SLOTS.load(Acquire) != 0
+}
+
+fn map_tables() {
     let slots = sys::map_anon(SLOTS * core::mem::size_of::<Slot>());
     let arena = sys::map_anon(ARENA_WORDS * 8);
     let index = sys::map_anon(MAX_IDS * 8);
     if slots.is_null() || arena.is_null() || index.is_null() {
-        return false;
+        return;
     }
-    TABLE_SLOTS.store(slots as usize, Release);
     TABLE_ARENA.store(arena as usize, Release);
     TABLE_INDEX.store(index as usize, Release);
-    true
+    TABLE_SLOTS.store(slots as usize, Release);
 }
 
 fn table() -> Option<Table> {
