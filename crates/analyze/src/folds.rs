@@ -54,14 +54,12 @@ pub const DEFAULT_FOLDS: &[&str] = &[
     // C++ operators and the standard library's allocation plumbing.
     "operator new",
     "operator new[]",
-    "std::allocator",
-    "std::allocator_traits",
-    "__gnu_cxx::new_allocator",
-    "std::__new_allocator",
-    "std::vector<*>::_M_*",
-    "std::_Vector_base",
-    "std::__cxx11::basic_string*::_M_*",
-    "std::__cxx11::basic_string*::reserve*",
+    // Everything in the C++ standard library: containers, strings, streams
+    // and their allocators allocate on behalf of the user code that called
+    // them, which is the caller worth naming.
+    "std::*",
+    "__gnu_cxx::*",
+    "__cxxabiv1::*",
     // HotSpot.
     "os::malloc",
     "os::realloc",
@@ -122,7 +120,13 @@ impl Folds {
         // glibc's debug info names some functions by their internal hidden
         // alias (`__GI___strdup` for `__strdup`): match the public name.
         let public = function.strip_prefix("__GI_").unwrap_or(function);
-        self.patterns.iter().any(|p| matches(p, public))
+        // Demangled template functions carry their return type in front
+        // ("void std::vector<int>::_M_realloc_insert<...>(...)"): match the
+        // qualified name after it too.
+        let qualified = without_return_type(public);
+        self.patterns
+            .iter()
+            .any(|p| matches(p, public) || qualified.is_some_and(|q| matches(p, q)))
     }
 }
 
@@ -135,6 +139,22 @@ pub fn matches(pattern: &str, name: &str) -> bool {
         Some(rest) => rest.is_empty() || rest.starts_with(['(', '<', ':']),
         None => false,
     }
+}
+
+/// The name after a leading return type: the text after the first space at
+/// template depth 0 that comes before the parameter list, if any.
+fn without_return_type(name: &str) -> Option<&str> {
+    let mut depth = 0i32;
+    for (i, c) in name.char_indices() {
+        match c {
+            '<' => depth += 1,
+            '>' => depth -= 1,
+            '(' if depth == 0 => return None,
+            ' ' if depth == 0 => return Some(&name[i + 1..]),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Anchored glob with `*` and `?`, iterative with one backtrack point (the
@@ -178,6 +198,15 @@ mod tests {
             "std::allocator<char>::allocate(unsigned long)"
         ));
         assert!(matches("alloc::raw_vec", "alloc::raw_vec::finish_grow"));
+    }
+
+    #[test]
+    fn cpp_library_frames_fold_even_with_a_return_type() {
+        let f = Folds::with_defaults();
+        assert!(f.is_wrapper("void std::vector<int, std::allocator<int> >::_M_realloc_insert<int const&>(__gnu_cxx::__normal_iterator<int*, std::vector<int, std::allocator<int> > >, int const&)"));
+        assert!(f.is_wrapper("std::__cxx11::basic_string<char, std::char_traits<char>, std::allocator<char> >::push_back(char)"));
+        assert!(!f.is_wrapper("leak_string()"));
+        assert!(!f.is_wrapper("void encode(std::vector<int>&)"));
     }
 
     #[test]

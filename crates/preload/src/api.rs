@@ -58,8 +58,11 @@ pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {
         "add rax, qword ptr fs:[0]",
         // countdown is the first field of Tls (asserted in tracer.rs)
         "mov rcx, qword ptr [rax]",
+        // Unsigned: the slow path takes size >= countdown, including the
+        // absurd sizes (>= 2^63) that must fail in the real malloc without
+        // wrapping the countdown.
         "sub rcx, rdi",
-        "jle 2f",
+        "jbe 2f",
         "mov qword ptr [rax], rcx",
         "jmp qword ptr [rip + {real}]",
         "2:",
@@ -441,6 +444,53 @@ pub unsafe extern "C" fn execvpe(
     // SAFETY: forwarding.
     unsafe { real::execvpe(file, argv, envp) }
 }
+
+/// `execl`, `execlp` and `execle` are variadic, which stable Rust cannot
+/// define, and glibc's versions call its internal `__execve`, which we cannot
+/// interpose. So these three are naked: they save the argument registers
+/// (and `al`, the vector-register count of a variadic call), flush, restore
+/// them, and jump to the real function with the caller's stack untouched, so
+/// arguments past the sixth are still where the caller put them.
+macro_rules! variadic_exec {
+    ($name:ident, $real:path) => {
+        /// # Safety
+        /// As C's function of this name.
+        #[cfg_attr(not(test), unsafe(no_mangle))]
+        #[unsafe(naked)]
+        pub unsafe extern "C" fn $name() {
+            core::arch::naked_asm!(
+                "push rax",
+                "push rdi",
+                "push rsi",
+                "push rdx",
+                "push rcx",
+                "push r8",
+                "push r9",
+                // 7 pushes after the return address: the stack is 16-byte
+                // aligned for the call.
+                "call {flush}",
+                "pop r9",
+                "pop r8",
+                "pop rcx",
+                "pop rdx",
+                "pop rsi",
+                "pop rdi",
+                "pop rax",
+                "jmp qword ptr [rip + {real}]",
+                flush = sym exec_flush,
+                real = sym $real,
+            )
+        }
+    };
+}
+
+extern "C" fn exec_flush() {
+    writer::before_exec();
+}
+
+variadic_exec!(execl, real::EXECL);
+variadic_exec!(execlp, real::EXECLP);
+variadic_exec!(execle, real::EXECLE);
 
 /// `_exit` skips atexit handlers and library destructors, so the tracer
 /// finishes the file here (forked children of test runners end this way).

@@ -29,8 +29,9 @@ pub mod unwind;
 pub mod writer;
 
 pub use api::{
-    _exit, aligned_alloc, calloc, execv, execve, execvp, execvpe, free, malloc, malloc_usable_size,
-    memalign, posix_memalign, pvalloc, realloc, reallocarray, valloc, Agent_OnAttach, Agent_OnLoad,
+    _exit, aligned_alloc, calloc, execl, execle, execlp, execv, execve, execvp, execvpe, free,
+    malloc, malloc_usable_size, memalign, posix_memalign, pvalloc, realloc, reallocarray, valloc,
+    Agent_OnAttach, Agent_OnLoad,
 };
 
 use core::sync::atomic::{AtomicUsize, Ordering::*};

@@ -125,10 +125,26 @@ macro_rules! call {
     }};
 }
 
+/// The variadic exec functions, forwarded by register-preserving naked
+/// functions in api.rs; resolved in `init` (an exec before the constructor
+/// ran is not possible for a preloaded library).
+pub(crate) static EXECL: AtomicPtr<()> = AtomicPtr::new(core::ptr::null_mut());
+pub(crate) static EXECLP: AtomicPtr<()> = AtomicPtr::new(core::ptr::null_mut());
+pub(crate) static EXECLE: AtomicPtr<()> = AtomicPtr::new(core::ptr::null_mut());
+
 /// Makes sure the real functions are resolved (called from the constructor so
 /// that the first hook call does not pay for it).
 pub fn init() {
     resolve();
+    for (slot, name) in [
+        (&EXECL, c"execl"),
+        (&EXECLP, c"execlp"),
+        (&EXECLE, c"execle"),
+    ] {
+        // SAFETY: dlsym with a NUL-terminated name.
+        let p = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
+        slot.store(p as *mut (), Release);
+    }
 }
 
 #[inline(always)]

@@ -306,6 +306,8 @@ pub fn decide(t: &Tls, size: usize) -> Decision {
     // next point lies an exponential draw beyond this one; add draws until it
     // lies beyond the block's end (the block is recorded once however many
     // points it holds).
+    // (Bounded: the countdown never holds less than minus one block.)
+    total = total.max(-(RATE.load(Relaxed) as i64));
     while total <= 0 {
         total += draw(t);
     }

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what the end-to-end tests need (when missing), builds the release
+# artifacts the tests preload, and runs every test in the workspace.
+# .ci/run runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# command -> Debian package providing it. The real-program tests skip a
+# missing tool, so a machine without root still runs everything else.
+declare -A packages=(
+    [cc]=gcc [c++]=g++ [sqlite3]=sqlite3 [git]=git [python3]=python3 [java]=default-jdk-headless
+)
+missing=()
+for cmd in "${!packages[@]}"; do
+    command -v "$cmd" >/dev/null 2>&1 || missing+=("${packages[$cmd]}")
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+        echo "test.sh: installing ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        echo "test.sh: missing ${missing[*]} (not root: the tests that need them will skip)" >&2
+    fi
+fi
+
+# The tests run target/release/libmtrace_rs.so and mtrace-analyze: build
+# them first, with the same profile.
+cargo build --release --workspace
+cargo test --release --workspace --no-fail-fast

@@ -1,0 +1,126 @@
+//! Processes and threads: a forked child and an exec'd program each get a
+//! trace file of their own, and threads that exit before main does still
+//! have their leaks reported.
+
+use mtrace_rs_tests::{basename, compile, stdout, traces_of_pid, Report, Scratch, Tracer};
+use std::process::Command;
+
+/// The pid a program printed on a line "`tag` <pid>".
+fn printed_pid(text: &str, tag: &str) -> u32 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(tag)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no '{tag}' line in:\n{text}"))
+}
+
+fn exe_name(report: &Report) -> String {
+    basename(report.trace()["exe"].as_str().unwrap_or("")).to_string()
+}
+
+#[test]
+fn fork_and_exec_each_write_their_own_trace_with_their_own_leaks() {
+    let scratch = Scratch::new("fork-exec");
+    let exe = compile("tests/programs/fork_exec.c", scratch.path());
+    let target = compile("tests/programs/exec_target.c", scratch.path());
+    let tracer = Tracer::exact(&scratch.dir("traces"));
+    let out = tracer.run(Command::new(&exe).arg(&target));
+    assert!(out.status.success(), "{out:?}");
+    let text = stdout(&out);
+    let parent = printed_pid(&text, "parent ");
+    let child = printed_pid(&text, "child ");
+    assert_eq!(printed_pid(&text, "exec "), parent, "exec keeps the pid");
+
+    let all = tracer.traces();
+    assert_eq!(all.len(), 3, "parent, child and exec'd program: {all:?}");
+
+    // The child: its own pid in the name and the header, the parent as
+    // ppid, its own leak and none of the parent's.
+    let child_traces = traces_of_pid(tracer.dir(), child);
+    assert_eq!(child_traces.len(), 1, "{all:?}");
+    let report = mtrace_rs_tests::analyze(&child_traces[0]);
+    let summary = report.summary();
+    assert_eq!(report.pid(), u64::from(child), "{summary}");
+    assert_eq!(report.trace()["ppid"], parent, "{summary}");
+    assert_eq!(report.held_by("leak_in_child"), (111, 1), "{summary}");
+    assert_eq!(
+        report.held_by("leak_parent_before_fork"),
+        (0, 0),
+        "{summary}"
+    );
+    assert_eq!(
+        report.held_by("leak_parent_after_fork"),
+        (0, 0),
+        "{summary}"
+    );
+
+    // The parent's pid names two files: the image before exec and after.
+    let same_pid = traces_of_pid(tracer.dir(), parent);
+    assert_eq!(same_pid.len(), 2, "{all:?}");
+    let reports: Vec<Report> = same_pid
+        .iter()
+        .map(|t| mtrace_rs_tests::analyze(t))
+        .collect();
+    let before = reports.iter().find(|r| exe_name(r) == "fork_exec");
+    let after = reports.iter().find(|r| exe_name(r) == "exec_target");
+    let (Some(before), Some(after)) = (before, after) else {
+        panic!("expected one fork_exec and one exec_target trace: {reports:#?}");
+    };
+
+    let summary = before.summary();
+    assert_eq!(before.pid(), u64::from(parent), "{summary}");
+    assert_eq!(
+        before.held_by("leak_parent_before_fork"),
+        (333, 1),
+        "{summary}"
+    );
+    assert_eq!(
+        before.held_by("leak_parent_after_fork"),
+        (444, 1),
+        "{summary}"
+    );
+    assert_eq!(before.held_by("leak_in_child"), (0, 0), "{summary}");
+
+    let summary = after.summary();
+    assert_eq!(after.pid(), u64::from(parent), "{summary}");
+    assert_eq!(after.ending(), "clean", "{summary}");
+    assert_eq!(after.held_by("leak_after_exec"), (222, 1), "{summary}");
+    assert!(after.callers_in_module("fork_exec").is_empty(), "{summary}");
+}
+
+#[test]
+fn threads_that_exit_before_main_still_have_their_leaks_reported() {
+    let scratch = Scratch::new("threads-exit");
+    let exe = compile("tests/programs/threads_exit.c", scratch.path());
+    let tracer = Tracer::exact(&scratch.dir("traces"));
+    let out = tracer.run(&mut Command::new(&exe));
+    assert!(out.status.success(), "{out:?}");
+
+    let report = mtrace_rs_tests::analyze(&tracer.only_trace());
+    let summary = report.summary();
+    assert_eq!(report.ending(), "clean", "{summary}");
+    assert_eq!(
+        report.held_by("leak_in_joined_thread"),
+        (555, 1),
+        "{summary}"
+    );
+    assert_eq!(
+        report.held_by("leak_in_short_thread"),
+        (20 * 10, 20),
+        "{summary}"
+    );
+    assert_eq!(
+        report.held_by("leak_in_detached_thread"),
+        (4321, 1),
+        "{summary}"
+    );
+
+    // A thread-specific-data destructor runs during thread exit, possibly
+    // after the tracer's own per-thread clean-up: its 20 leaks must be
+    // either reported or counted as dropped, never silently lost.
+    let (bytes, objects) = report.held_by("leak_in_key_destructor");
+    assert_eq!(bytes, objects * 66, "{summary}");
+    assert!(
+        objects == 20 || report.dropped() >= 20 - objects,
+        "{objects} of 20 destructor leaks reported and only {} events dropped:\n{summary}",
+        report.dropped()
+    );
+}
