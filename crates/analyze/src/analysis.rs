@@ -336,6 +336,15 @@ impl Trace {
         })
     }
 
+    /// The blocks live now with their addresses, in no particular order
+    /// (the leak check matches them against the SCAN record).
+    pub fn live_blocks_at(&self) -> impl Iterator<Item = (u64, &LiveBlock)> + '_ {
+        self.slots.iter().filter_map(|(&addr, s)| match s {
+            Slot::Live(b) => Some((addr, b)),
+            Slot::Dead { .. } => None,
+        })
+    }
+
     /// Live bytes now (at the point of reading), estimated in sampled mode.
     pub fn live_bytes(&self) -> f64 {
         self.live_exact as f64 + self.live_sampled

@@ -19,18 +19,25 @@
 //!   ([`analysis::Snapshot`]); [`diff`] ranks callers by growth between two
 //!   moments or two traces.
 //! - [`flame`] writes folded stacks and flamegraphs (inferno).
+//! - [`check`] is the CI leak check: per process, outstanding blocks at exit
+//!   split by the tracer's leak scan into definitely lost and reachable,
+//!   filtered by [`suppress`]ions, with thresholds and exit codes;
+//!   [`junit`] writes it as JUnit XML.
 //!
 //! **Invariant:** the analyzer streams: memory is proportional to live blocks
 //! and distinct stacks, never to the file's size. **Invariant:** no input
 //! makes it panic; damage ends the reading with what was read before it.
 
 pub mod analysis;
+pub mod check;
 pub mod diff;
 pub mod flame;
 pub mod folds;
 pub mod fxhash;
+pub mod junit;
 pub mod memory;
 pub mod report;
+pub mod suppress;
 pub mod symbolize;
 pub mod timeline;
 pub mod timespec;

@@ -3,8 +3,12 @@
 //!
 //! Exit codes: 0 report written; 2 the file is not a readable trace (one line
 //! on stderr), or it is damaged part-way (the report of what was read, and a
-//! warning on stderr); clap's own usage errors also exit with 2.
+//! warning on stderr); clap's own usage errors also exit with 2. `check` and
+//! `run` have their own codes ([`CHECK_EXIT_CODES`]): 0 clean, 23 leaks, 24
+//! a killed process with `--fail-on-killed`, 2 errors, and for `run` the
+//! command's own failure status.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -15,12 +19,14 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use mtrace_analyze::analysis::{read_trace_with, Snapshot, Trace, TraceEnding};
+use mtrace_analyze::check::{self, CheckOptions, Checker, EXIT_ERROR, EXIT_LEAKS};
 use mtrace_analyze::diff;
 use mtrace_analyze::flame;
 use mtrace_analyze::folds::Folds;
 use mtrace_analyze::report::{
     build_report, write_json, write_text, GroupBy, Moment, ReportOptions,
 };
+use mtrace_analyze::suppress::Suppressions;
 use mtrace_analyze::symbolize::{ElfSymbolizer, Symbolizer};
 use mtrace_analyze::timeline;
 use mtrace_analyze::timespec::{TimeSpec, TimeSpecError};
@@ -56,6 +62,143 @@ enum Command {
     /// A flamegraph (SVG, drawn with inferno) of outstanding bytes,
     /// allocated bytes or allocation count by stack.
     Flamegraph(FlameArgs),
+    /// The CI leak check: fail when traced processes exited with leaked
+    /// blocks (definitely lost per the tracer's leak scan; everything
+    /// outstanding when the trace has no scan).
+    #[command(after_help = CHECK_EXIT_CODES)]
+    Check(CheckArgs),
+    /// Run a command (and every process it forks or execs) under the tracer
+    /// in exact mode with the leak scan, then check its traces.
+    #[command(after_help = RUN_EXIT_CODES)]
+    Run(RunArgs),
+}
+
+/// The exit codes of `check`, shown in its --help.
+const CHECK_EXIT_CODES: &str = "\
+Exit codes:
+  0   no leaks over the thresholds
+  23  leaks over the thresholds
+  24  no leaks, but a process was killed by a signal (only with --fail-on-killed)
+  2   usage error, no traces, or a trace that is unreadable or damaged
+      (leaks, then a killed process, take precedence over damaged traces)";
+
+/// The exit codes of `run`, shown in its --help.
+const RUN_EXIT_CODES: &str = "\
+Exit codes:
+  23  leaks over the thresholds (wins over everything else)
+  N   the command failed: its exit status, or 128+SIGNAL when a signal killed it
+  24  the command succeeded, no leaks, but a traced process was killed by a
+      signal (only with --fail-on-killed)
+  2   usage error, the library was not found, the command could not be
+      started, no traces were written, or a trace is damaged
+  0   the command succeeded and no leaks were found
+
+The command's environment gets LD_PRELOAD (the library appended to any
+existing LD_PRELOAD), MTRACE_RS_SAMPLE_BYTES=1, MTRACE_RS_LEAK_SCAN=1 and
+MTRACE_RS_OUT=DIR/trace.%p.bin.";
+
+/// What the leak check fails on and how it reports (shared by `check` and
+/// `run`).
+#[derive(Args, Debug)]
+struct CheckOpts {
+    /// Also fail on blocks still reachable at exit (referenced from globals,
+    /// the stack or other reachable blocks), as valgrind's
+    /// --errors-for-leak-kinds=all.
+    #[arg(long)]
+    include_reachable: bool,
+    /// Fail only when more than N bytes leaked (per process, or in total
+    /// with --total). Without --max-bytes and --max-objects any leak fails.
+    #[arg(long, value_name = "N")]
+    max_bytes: Option<u64>,
+    /// Fail only when more than N objects leaked.
+    #[arg(long, value_name = "N")]
+    max_objects: Option<u64>,
+    /// Apply the thresholds to each process (the default).
+    #[arg(long, conflicts_with = "total")]
+    per_process: bool,
+    /// Apply the thresholds to the sum over all processes.
+    #[arg(long)]
+    total: bool,
+    /// Fail (exit 24) when a traced process was killed by a signal.
+    #[arg(long)]
+    fail_on_killed: bool,
+    /// LeakSanitizer-style suppressions: `leak:PATTERN` lines matched
+    /// against the function, module or source file of any frame (`*`
+    /// wildcard, `^`/`$` anchors, otherwise a substring); `#` comments.
+    /// May be given more than once.
+    #[arg(long, value_name = "FILE")]
+    suppressions: Vec<PathBuf>,
+    /// Do not apply the built-in suppressions (one-time allocations of
+    /// glibc, ld.so, libstdc++ and the JVM; see SUPPRESSIONS.md).
+    #[arg(long)]
+    no_default_suppressions: bool,
+    /// Write a JUnit XML report (one test case per traced process).
+    #[arg(long, value_name = "FILE")]
+    junit: Option<PathBuf>,
+    /// Write the result as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Also print the result on standard output: json, or none (the human
+    /// report always goes to standard error).
+    #[arg(long, value_enum, default_value_t = CheckFormat::None)]
+    format: CheckFormat,
+    /// Group leaks by the allocating function (wrappers folded) or by whole
+    /// stack.
+    #[arg(long, value_enum, default_value_t = By::Function)]
+    by: By,
+    /// Show at most N leak groups per process in text and JUnit.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    top: usize,
+    /// Also treat functions matching PATTERN as allocator wrappers.
+    #[arg(long, value_name = "PATTERN")]
+    fold: Vec<String>,
+    /// Do not fold the built-in allocator wrappers.
+    #[arg(long)]
+    no_default_folds: bool,
+    /// Also look for separate debug files here.
+    #[arg(long, value_name = "DIR")]
+    debug_dir: Vec<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum CheckFormat {
+    None,
+    Json,
+}
+
+#[derive(Args, Debug)]
+struct CheckArgs {
+    /// Trace files, or directories whose *.bin files are all checked.
+    #[arg(value_name = "DIR|TRACE", required = true)]
+    paths: Vec<PathBuf>,
+    #[command(flatten)]
+    opts: CheckOpts,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    opts: CheckOpts,
+    /// Write the traces here (created if needed; traces already there are
+    /// not checked) and keep them. Default: a fresh directory
+    /// $TMPDIR/mtrace-run.XXXXXX, removed after a clean result.
+    #[arg(long, value_name = "DIR")]
+    out_dir: Option<PathBuf>,
+    /// The tracer library. Default: $MTRACE_RS_LIB, else libmtrace_rs.so
+    /// next to this executable, else ../lib/libmtrace_rs.so from it.
+    #[arg(long, value_name = "PATH")]
+    lib: Option<PathBuf>,
+    /// Keep the default trace directory even when the result is clean.
+    #[arg(long)]
+    keep: bool,
+    /// The command to run, after `--`.
+    #[arg(
+        value_name = "CMD",
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    command: Vec<OsString>,
 }
 
 /// How callers are grouped and filtered.
@@ -252,6 +395,8 @@ fn run() -> anyhow::Result<ExitCode> {
         Some(Command::Timeline(args)) => timeline_cmd(args),
         Some(Command::Diff(args)) => diff_cmd(args),
         Some(Command::Flamegraph(args)) => flamegraph_cmd(args),
+        Some(Command::Check(args)) => check_cmd(args),
+        Some(Command::Run(args)) => run_cmd(args),
         None => report(cli.report),
     }
 }
@@ -545,4 +690,302 @@ fn diff_cmd(args: DiffArgs) -> anyhow::Result<ExitCode> {
     .and_then(|()| out.flush())
     .context("writing the growth report")?;
     Ok(code)
+}
+
+/// The check's options from the command line; a bad suppressions file is
+/// an error.
+fn check_options(o: &CheckOpts) -> anyhow::Result<CheckOptions> {
+    let mut suppressions = Suppressions::none();
+    for path in &o.suppressions {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading suppressions {}", path.display()))?;
+        suppressions.add_file(&path.display().to_string(), &text)?;
+    }
+    if !o.no_default_suppressions {
+        suppressions.add_defaults();
+    }
+    let grouping = Grouping {
+        by: o.by,
+        top: o.top,
+        min_bytes: 0,
+        fold: o.fold.clone(),
+        no_default_folds: o.no_default_folds,
+        debug_dir: o.debug_dir.clone(),
+    };
+    Ok(CheckOptions {
+        include_reachable: o.include_reachable,
+        max_bytes: o.max_bytes,
+        max_objects: o.max_objects,
+        total: o.total,
+        fail_on_killed: o.fail_on_killed,
+        suppressions,
+        report: options(&grouping),
+    })
+}
+
+/// The trace files named by the arguments: files as given, directories as
+/// their `*.bin` files, sorted.
+fn trace_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("reading directory {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "bin") && f.is_file())
+                .collect();
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(p.clone());
+        }
+    }
+    Ok(files)
+}
+
+/// Checks `files` and writes the reports; the check's exit code.
+fn check_files(files: &[PathBuf], o: &CheckOpts, opts: CheckOptions) -> anyhow::Result<u8> {
+    let mut checker = Checker::new(opts);
+    // The same missing binary would be named once per trace.
+    let mut warned = std::collections::HashSet::new();
+    for path in files {
+        let shown = path.display().to_string();
+        let read = File::open(path)
+            .map_err(|e| e.to_string())
+            .and_then(|f| read_trace_with(f, Vec::new()).map_err(|e| e.to_string()));
+        match read {
+            Ok(trace) => {
+                let mut sym = new_symbolizer(&trace, o.debug_dir.clone());
+                checker.add(&trace, &shown, &mut sym);
+                for w in sym.take_warnings() {
+                    if warned.insert(w.clone()) {
+                        eprintln!("mtrace-analyze: warning: {w}");
+                    }
+                }
+            }
+            Err(e) => checker.add_unreadable(&shown, &e),
+        }
+    }
+    let opts = checker.opts.clone();
+    let result = checker.finish();
+    {
+        let mut err = io::stderr().lock();
+        check::write_text(&result, &opts, &mut err).context("writing the report")?;
+    }
+    if let Some(p) = &o.junit {
+        let mut f =
+            BufWriter::new(File::create(p).with_context(|| format!("creating {}", p.display()))?);
+        mtrace_analyze::junit::write_junit(&result, &opts, &mut f)
+            .and_then(|()| f.flush())
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(p) = &o.json {
+        let mut f =
+            BufWriter::new(File::create(p).with_context(|| format!("creating {}", p.display()))?);
+        check::write_json(&result, &mut f)
+            .and_then(|()| f.flush())
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let CheckFormat::Json = o.format {
+        let mut out = io::stdout().lock();
+        check::write_json(&result, &mut out)
+            .and_then(|()| out.flush())
+            .context("writing the result")?;
+    }
+    Ok(result.exit_code)
+}
+
+fn check_cmd(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let opts = match check_options(&args.opts) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("mtrace-analyze: {e:#}");
+            return Ok(ExitCode::from(EXIT_ERROR));
+        }
+    };
+    let files = match trace_files(&args.paths) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("mtrace-analyze: {e:#}");
+            return Ok(ExitCode::from(EXIT_ERROR));
+        }
+    };
+    if files.is_empty() {
+        eprintln!(
+            "mtrace-analyze: no traces: no *.bin files in {}",
+            args.paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return Ok(ExitCode::from(EXIT_ERROR));
+    }
+    Ok(ExitCode::from(check_files(&files, &args.opts, opts)?))
+}
+
+/// The tracer library for `run`: `--lib`, else `$MTRACE_RS_LIB`, else
+/// `libmtrace_rs.so` next to this executable, else `../lib/libmtrace_rs.so`
+/// from its directory.
+fn find_library(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let absolute = |p: &Path| -> anyhow::Result<PathBuf> {
+        std::fs::canonicalize(p).with_context(|| format!("the tracer library {}", p.display()))
+    };
+    if let Some(p) = given {
+        return absolute(p);
+    }
+    if let Some(p) = std::env::var_os("MTRACE_RS_LIB").filter(|v| !v.is_empty()) {
+        return absolute(Path::new(&p)).context("from MTRACE_RS_LIB");
+    }
+    let mut tried = Vec::new();
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        for cand in [
+            dir.join("libmtrace_rs.so"),
+            dir.join("../lib/libmtrace_rs.so"),
+        ] {
+            if cand.is_file() {
+                return absolute(&cand);
+            }
+            tried.push(cand.display().to_string());
+        }
+    }
+    bail!(
+        "libmtrace_rs.so not found (looked for {}); build it with \
+         `cargo build --release -p mtrace-preload`, or name it with --lib or MTRACE_RS_LIB",
+        tried.join(" and ")
+    )
+}
+
+/// A fresh directory `$TMPDIR/mtrace-run.XXXXXX`, mode 0700.
+fn fresh_dir() -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let base = std::env::temp_dir();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ ((std::process::id() as u64) << 32);
+    for i in 0..100u64 {
+        // A small mix so that names do not follow each other.
+        let n = (seed.wrapping_add(i).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) % 1_000_000;
+        let dir = base.join(format!("mtrace-run.{n:06}"));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+        }
+    }
+    bail!("could not create a fresh directory in {}", base.display())
+}
+
+fn run_cmd(args: RunArgs) -> anyhow::Result<ExitCode> {
+    use std::os::unix::process::ExitStatusExt;
+    let fail = |e: anyhow::Error| {
+        eprintln!("mtrace-analyze: {e:#}");
+        Ok(ExitCode::from(EXIT_ERROR))
+    };
+    let opts = match check_options(&args.opts) {
+        Ok(o) => o,
+        Err(e) => return fail(e),
+    };
+    let lib = match find_library(args.lib.as_deref()) {
+        Ok(l) => l,
+        Err(e) => return fail(e),
+    };
+    let (dir, temporary) = match &args.out_dir {
+        Some(d) => match std::fs::create_dir_all(d).and_then(|()| std::fs::canonicalize(d)) {
+            Ok(d) => (d, false),
+            Err(e) => {
+                return fail(anyhow::Error::new(e).context(format!("creating {}", d.display())))
+            }
+        },
+        None => match fresh_dir() {
+            Ok(d) => (d, true),
+            Err(e) => return fail(e),
+        },
+    };
+    // Traces already in the directory belong to an earlier run.
+    let before: std::collections::HashSet<PathBuf> = trace_files(std::slice::from_ref(&dir))
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let mut preload = OsString::new();
+    if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
+        preload.push(old);
+        preload.push(":");
+    }
+    preload.push(&lib);
+    let mut out = dir.clone().into_os_string();
+    out.push("/trace.%p.bin");
+    let started = std::time::Instant::now();
+    let status = std::process::Command::new(&args.command[0])
+        .args(&args.command[1..])
+        .env("LD_PRELOAD", preload)
+        .env("MTRACE_RS_SAMPLE_BYTES", "1")
+        .env("MTRACE_RS_LEAK_SCAN", "1")
+        .env("MTRACE_RS_OUT", out)
+        .status();
+    let status = match status {
+        Ok(s) => s,
+        Err(e) => {
+            return fail(anyhow::Error::new(e).context(format!(
+                "cannot run {}",
+                Path::new(&args.command[0]).display()
+            )))
+        }
+    };
+    let elapsed = started.elapsed();
+    let cmd_code: u8 = match (status.code(), status.signal()) {
+        (Some(c), _) => (c & 0xff) as u8,
+        (None, Some(sig)) => (128 + sig).min(255) as u8,
+        (None, None) => 1,
+    };
+    let shown_cmd = Path::new(&args.command[0]).display().to_string();
+    let how = match (status.code(), status.signal()) {
+        (Some(0), _) => "succeeded".to_string(),
+        (Some(c), _) => format!("failed with exit status {c}"),
+        (None, Some(sig)) => format!("was killed by signal {sig}"),
+        (None, None) => "failed".to_string(),
+    };
+    eprintln!(
+        "mtrace-analyze run: {shown_cmd} {how} after {:.2} s; traces in {}",
+        elapsed.as_secs_f64(),
+        dir.display()
+    );
+    let files: Vec<PathBuf> = match trace_files(std::slice::from_ref(&dir)) {
+        Ok(f) => f.into_iter().filter(|f| !before.contains(f)).collect(),
+        Err(e) => return fail(e),
+    };
+    let check_code = if files.is_empty() {
+        eprintln!(
+            "mtrace-analyze: no traces were written to {}: was {} loaded? (a statically \
+             linked or setuid program ignores LD_PRELOAD)",
+            dir.display(),
+            lib.display()
+        );
+        EXIT_ERROR
+    } else {
+        check_files(&files, &args.opts, opts)?
+    };
+    let code = if check_code == EXIT_LEAKS {
+        EXIT_LEAKS
+    } else if cmd_code != 0 {
+        cmd_code
+    } else {
+        check_code
+    };
+    if temporary && code == 0 && !args.keep {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            eprintln!("mtrace-analyze: warning: removing {}: {e}", dir.display());
+        }
+    } else if code != 0 || args.keep {
+        eprintln!("mtrace-analyze run: traces kept in {}", dir.display());
+    }
+    if code != 0 && cmd_code != 0 && code != EXIT_LEAKS {
+        eprintln!("mtrace-analyze run: exit {code}: the command's own status");
+    }
+    Ok(ExitCode::from(code))
 }

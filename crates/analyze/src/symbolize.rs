@@ -482,22 +482,22 @@ mod tests {
         );
         assert_eq!(map.len(), 2);
         let later = CodeRange {
-            start: 0x7f0000_1000,
+            start: 0x7f_0000_1000,
             len: 0x10,
             name: "recompiled".into(),
         };
         let mut s = ElfSymbolizer::new(&[], Vec::new())
             .with_code(&map)
             .with_code(&[later]);
-        let f = &s.symbolize(0x7f0000_1008)[0];
+        let f = &s.symbolize(0x7f_0000_1008)[0];
         assert_eq!(f.function.as_deref(), Some("recompiled"));
         assert_eq!(f.module.as_deref(), Some("jit"));
-        let f = &s.symbolize(0x7f0000_1030)[0];
+        let f = &s.symbolize(0x7f_0000_1030)[0];
         assert_eq!(
             f.function.as_deref(),
             Some("LOffHeapLeak;::encodeOnDisconnect")
         );
-        assert_eq!(s.symbolize(0x7f0000_3000)[0].function, None);
+        assert_eq!(s.symbolize(0x7f_0000_3000)[0].function, None);
     }
 
     #[test]
