@@ -27,4 +27,12 @@ fi
 # The tests run target/release/libmtrace_rs.so and mtrace-analyze: build
 # them first, with the same profile.
 cargo build --release --workspace
-cargo test --release --workspace --no-fail-fast
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --release --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
+# One closing line for the whole suite: cargo's own last line is that of its
+# last test binary (often a crate's empty doc-test run).
+awk '/^test result:/ { p += $4; f += $6; i += $8 }
+     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
+exit "$status"
