@@ -275,6 +275,11 @@ impl Tracer {
 /// if it runs longer than [`run_timeout`], after killing its process group
 /// (the program and anything it started).
 pub fn run(cmd: &mut Command) -> Output {
+    run_with_timeout(cmd, run_timeout())
+}
+
+/// [`run`] with an explicit time limit.
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -293,23 +298,23 @@ pub fn run(cmd: &mut Command) -> Output {
     };
     let out = drain(child.stdout.take().map(|p| Box::new(p) as _));
     let err = drain(child.stderr.take().map(|p| Box::new(p) as _));
-    let deadline = Instant::now() + run_timeout();
+    let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait for the child") {
             break status;
         }
         if Instant::now() > deadline {
-            // SIGKILL to the whole group: the pipes close and the drains end.
+            // SIGKILL to the program, then to its whole process group, so
+            // the pipes close and the drains end. `--` keeps procps kill from
+            // reading the negative group id as an option.
+            let _ = child.kill();
+            let group = format!("-{}", child.id());
             let _ = Command::new("kill")
-                .arg("-KILL")
-                .arg(format!("-{}", child.id()))
+                .args(["-s", "KILL", "--", &group])
                 .status();
             let _ = child.wait();
             let stderr = String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned();
-            panic!(
-                "{cmd:?} still ran after {:?}: killed; stderr:\n{stderr}",
-                run_timeout()
-            );
+            panic!("{cmd:?} still ran after {timeout:?}: killed; stderr:\n{stderr}");
         }
         std::thread::sleep(Duration::from_millis(10));
     };
@@ -542,4 +547,20 @@ impl Report {
 pub fn have_command(name: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "still ran after")]
+    fn a_program_that_outlives_the_timeout_is_killed_with_its_children() {
+        // The background sleep holds the pipes open: unless the whole
+        // process group is killed, reading the output would never end.
+        run_with_timeout(
+            Command::new("sh").args(["-c", "sleep 100 & sleep 100"]),
+            Duration::from_millis(500),
+        );
+    }
 }
