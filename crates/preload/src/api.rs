@@ -11,7 +11,7 @@
 use core::ffi::{c_char, c_int, c_void};
 use core::sync::atomic::Ordering::Relaxed;
 
-use crate::tracer::{self, Decision, Tls, FREE_MASK, TLS};
+use crate::tracer::{self, Decision, FreeKind, Tls, FREE_MASK, TLS};
 use crate::{real, sampled, sys, writer};
 
 /// Charges `size` to the thread's countdown; true when no sample point was
@@ -34,6 +34,29 @@ fn countdown_ok(size: usize) -> bool {
 #[inline]
 fn align_for(d: Decision) -> bool {
     d != Decision::Skip && !tracer::exact()
+}
+
+/// A sampled block for the program: a page-aligned chunk, handed out `TAG`
+/// bytes in (see sampled.rs). Null when the real allocator fails.
+unsafe fn sampled_alloc(size: usize) -> *mut c_void {
+    let Some(total) = size.checked_add(sampled::TAG) else {
+        sys::set_errno(libc::ENOMEM);
+        return core::ptr::null_mut();
+    };
+    // SAFETY: a page alignment is valid for memalign.
+    let chunk = unsafe { real::memalign(sampled::ALIGN, total) };
+    if chunk.is_null() {
+        return chunk;
+    }
+    // SAFETY: the chunk has TAG + size bytes.
+    unsafe { (chunk as *mut u8).add(sampled::TAG) as *mut c_void }
+}
+
+/// Bytes the program may use in the sampled block at `p`.
+unsafe fn sampled_usable(p: *mut c_void) -> usize {
+    let chunk = sampled::chunk_of(p as usize);
+    // SAFETY: `chunk` is the live chunk behind a sampled block.
+    unsafe { real::malloc_usable_size(chunk as *mut c_void) }.saturating_sub(p as usize - chunk)
 }
 
 #[inline(always)]
@@ -78,8 +101,8 @@ unsafe extern "C" fn malloc_slow(size: usize) -> *mut c_void {
     TLS.with(|t| {
         let d = tracer::decide(t, size);
         let p = if align_for(d) {
-            // SAFETY: a page alignment is valid for memalign.
-            unsafe { real::memalign(sampled::ALIGN, size) }
+            // SAFETY: allocating.
+            unsafe { sampled_alloc(size) }
         } else {
             // SAFETY: forwarding.
             unsafe { real::malloc(size) }
@@ -116,7 +139,7 @@ unsafe fn calloc_slow(n: usize, size: usize, total: usize) -> *mut c_void {
             // SAFETY: page alignment is valid; on success the block has
             // `total` writable bytes, which calloc must zero.
             unsafe {
-                let p = real::memalign(sampled::ALIGN, total);
+                let p = sampled_alloc(total);
                 if !p.is_null() {
                     core::ptr::write_bytes(p as *mut u8, 0, total);
                 }
@@ -157,13 +180,21 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
 #[cold]
 #[inline(never)]
 unsafe extern "C" fn free_slow(p: *mut c_void) {
-    TLS.with(|t| {
-        if tracer::free_is_recorded(t, p) {
+    let chunk = TLS.with(|t| match tracer::free_kind(t, p) {
+        FreeKind::Plain => p,
+        FreeKind::Recorded => {
             tracer::record_free(t, p, sys::now_ns());
+            p
+        }
+        FreeKind::Sampled { record } => {
+            if record {
+                tracer::record_free(t, p, sys::now_ns());
+            }
+            sampled::chunk_of(p as usize) as *mut c_void
         }
     });
-    // SAFETY: forwarding.
-    unsafe { real::free(p) }
+    // SAFETY: forwarding the allocator's own address.
+    unsafe { real::free(chunk) }
 }
 
 /// # Safety
@@ -188,20 +219,33 @@ unsafe fn realloc_slow(p: *mut c_void, size: usize) -> *mut c_void {
     TLS.with(|t| {
         if size == 0 {
             // glibc frees p and returns NULL.
-            let rec = tracer::free_is_recorded(t, p);
             let ts = sys::now_ns();
-            // SAFETY: forwarding.
-            let q = unsafe { real::realloc(p, 0) };
-            if rec {
-                tracer::record_free(t, p, ts);
-            }
-            return q;
-        }
-        if !tracer::running() || t.guard.get() {
-            // SAFETY: forwarding.
-            return unsafe { real::realloc(p, size) };
+            return match tracer::free_kind(t, p) {
+                FreeKind::Plain => {
+                    // SAFETY: forwarding.
+                    unsafe { real::realloc(p, 0) }
+                }
+                FreeKind::Recorded => {
+                    // SAFETY: forwarding.
+                    let q = unsafe { real::realloc(p, 0) };
+                    tracer::record_free(t, p, ts);
+                    q
+                }
+                FreeKind::Sampled { record } => {
+                    if record {
+                        tracer::record_free(t, p, ts);
+                    }
+                    // SAFETY: the chunk behind a sampled block.
+                    unsafe { real::free(sampled::chunk_of(p as usize) as *mut c_void) };
+                    core::ptr::null_mut()
+                }
+            };
         }
         if tracer::exact() {
+            if !tracer::running() || t.guard.get() {
+                // SAFETY: forwarding.
+                return unsafe { real::realloc(p, size) };
+            }
             let ts = sys::now_ns();
             // SAFETY: forwarding.
             let q = unsafe { real::realloc(p, size) };
@@ -211,53 +255,63 @@ unsafe fn realloc_slow(p: *mut c_void, size: usize) -> *mut c_void {
             }
             return q;
         }
-        // SAFETY: the sampled paths below keep p valid until it is replaced.
+        // SAFETY: the sampled paths keep p valid until it is replaced.
         unsafe { realloc_sampled(t, p, size) }
     })
 }
 
-/// Sampled-mode realloc: a recorded block must move to a page-aligned one,
-/// and a sampled old block must leave the sampled set before the allocator
-/// can hand its address to anyone else.
+/// Sampled-mode realloc. A sampled block lives inside a chunk the real
+/// allocator knows by another address, so it never goes to the real realloc:
+/// it is moved by hand. A block that becomes sampled is moved into a sampled
+/// chunk. The old block leaves the sampled set before its chunk is freed, so
+/// the address cannot be handed out again while it is still in the set.
 unsafe fn realloc_sampled(t: &Tls, p: *mut c_void, size: usize) -> *mut c_void {
-    let old_sampled = (p as usize) & (sampled::ALIGN - 1) == 0 && sampled::contains(p as u64);
-    let d = tracer::decide(t, size);
-    if d == Decision::Skip {
-        if !old_sampled {
-            // SAFETY: forwarding.
-            return unsafe { real::realloc(p, size) };
-        }
-        sampled::remove(p as u64);
-        let ts = sys::now_ns();
+    let old_sampled = sampled::is_candidate(p as usize) && sampled::contains(p as u64);
+    let live = tracer::running() && !t.guard.get();
+    let d = if live {
+        tracer::decide(t, size)
+    } else {
+        Decision::Skip
+    };
+    if d == Decision::Skip && !old_sampled {
         // SAFETY: forwarding.
-        let q = unsafe { real::realloc(p, size) };
-        if q.is_null() {
-            // p is still live and still sampled.
-            sampled::insert(p as u64);
-        } else {
-            tracer::record_free(t, p, ts);
-        }
-        return q;
+        return unsafe { real::realloc(p, size) };
     }
-    // SAFETY: page alignment is valid for memalign.
-    let q = unsafe { real::memalign(sampled::ALIGN, size) };
+    let q = if d == Decision::Skip {
+        // SAFETY: allocating.
+        unsafe { real::malloc(size) }
+    } else {
+        // SAFETY: allocating.
+        unsafe { sampled_alloc(size) }
+    };
     if q.is_null() {
-        sys::set_errno(libc::ENOMEM);
+        // p stays live (and sampled, if it was).
         return q;
     }
     // SAFETY: p is a live block of at least `usable` bytes and q one of at
     // least `size`; they do not overlap.
     unsafe {
-        let usable = real::malloc_usable_size(p);
+        let usable = if old_sampled {
+            sampled_usable(p)
+        } else {
+            real::malloc_usable_size(p)
+        };
         core::ptr::copy_nonoverlapping(p as *const u8, q as *mut u8, usable.min(size));
     }
-    if old_sampled {
+    let chunk = if old_sampled {
         sampled::remove(p as u64);
-        tracer::record_free(t, p, sys::now_ns());
+        if live {
+            tracer::record_free(t, p, sys::now_ns());
+        }
+        sampled::chunk_of(p as usize)
+    } else {
+        p as usize
+    };
+    // SAFETY: the old block is no longer referenced; its chunk goes back.
+    unsafe { real::free(chunk as *mut c_void) };
+    if d != Decision::Skip {
+        tracer::record_alloc(t, q, size, d);
     }
-    // SAFETY: p was live and is no longer referenced.
-    unsafe { real::free(p) };
-    tracer::record_alloc(t, q, size, d);
     q
 }
 
@@ -393,6 +447,14 @@ pub unsafe extern "C" fn pvalloc(size: usize) -> *mut c_void {
 /// As glibc's `malloc_usable_size`.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
+    if !p.is_null()
+        && !tracer::exact()
+        && sampled::is_candidate(p as usize)
+        && sampled::contains(p as u64)
+    {
+        // SAFETY: a live sampled block.
+        return unsafe { sampled_usable(p) };
+    }
     // SAFETY: forwarding.
     unsafe { real::malloc_usable_size(p) }
 }

@@ -143,7 +143,7 @@ pub fn start() {
         if EXACT.load(Relaxed) {
             0
         } else {
-            sampled::ALIGN - 1
+            sampled::CANDIDATE_MASK
         },
         Release,
     );
@@ -348,9 +348,45 @@ pub fn record_alloc(t: &Tls, ptr: *mut libc::c_void, size: usize, d: Decision) {
     sys::set_errno(errno);
 }
 
-/// Whether a free of `ptr` must be recorded; in sampled mode this removes
-/// the block from the sampled set. Call before the real free.
-pub fn free_is_recorded(t: &Tls, ptr: *mut libc::c_void) -> bool {
+/// What a free of `ptr` means for the tracer.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FreeKind {
+    /// Not recorded: give `ptr` to the real free as it is.
+    Plain,
+    /// Record it (exact mode): `ptr` is the allocator's own address.
+    Recorded,
+    /// A sampled block, now out of the sampled set: give the real allocator
+    /// `sampled::chunk_of(ptr)`, and record the free if `record`.
+    Sampled { record: bool },
+}
+
+/// Classifies a free of `ptr`; in sampled mode a sampled block is removed
+/// from the sampled set. Call before the real free.
+pub fn free_kind(t: &Tls, ptr: *mut libc::c_void) -> FreeKind {
+    if ptr.is_null() {
+        return FreeKind::Plain;
+    }
+    if EXACT.load(Relaxed) {
+        return if free_is_recorded(t, ptr) {
+            FreeKind::Recorded
+        } else {
+            FreeKind::Plain
+        };
+    }
+    if sampled::is_candidate(ptr as usize) && sampled::remove(ptr as u64) {
+        // However the tracer stands, the block must go back at its chunk
+        // address; whether its free can be recorded is another matter.
+        let record = STATE.load(Acquire) == RUNNING && !t.guard.get();
+        if !record && !t.internal.get() {
+            count_drop(DropReason::Reentrant);
+        }
+        return FreeKind::Sampled { record };
+    }
+    FreeKind::Plain
+}
+
+/// Whether a free of `ptr` must be recorded in exact mode.
+fn free_is_recorded(t: &Tls, ptr: *mut libc::c_void) -> bool {
     if ptr.is_null() || STATE.load(Acquire) != RUNNING {
         return false;
     }
@@ -360,8 +396,7 @@ pub fn free_is_recorded(t: &Tls, ptr: *mut libc::c_void) -> bool {
         }
         return false;
     }
-    EXACT.load(Relaxed)
-        || ((ptr as usize) & (sampled::ALIGN - 1) == 0 && sampled::remove(ptr as u64))
+    true
 }
 
 /// Records a free; `ts` was read before the real free ran.
