@@ -230,8 +230,35 @@ unsafe fn usable_unknown(_p: *mut c_void) -> usize {
 }
 
 /// True when the next allocator is glibc's own (so `mallinfo2` describes the
-/// heap we trace), false for jemalloc, tcmalloc and others.
+/// heap we trace), false for jemalloc, tcmalloc and others. Asked of the
+/// loader (which object holds the real `malloc`), not by comparing with
+/// `__libc_malloc`: tcmalloc defines `__libc_malloc` too.
 pub fn next_is_glibc() -> bool {
+    static KNOWN: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::new(0);
+    match KNOWN.load(Relaxed) {
+        1 => return true,
+        2 => return false,
+        _ => {}
+    }
+    let yes = ask_loader_if_glibc();
+    KNOWN.store(if yes { 1 } else { 2 }, Relaxed);
+    yes
+}
+
+fn ask_loader_if_glibc() -> bool {
     resolve();
-    MALLOC.load(Relaxed) == __libc_malloc as MallocFn as *mut ()
+    let mut info: libc::Dl_info = libc::Dl_info {
+        dli_fname: core::ptr::null(),
+        dli_fbase: core::ptr::null_mut(),
+        dli_sname: core::ptr::null(),
+        dli_saddr: core::ptr::null_mut(),
+    };
+    // SAFETY: dladdr fills `info` for an address in a loaded object.
+    if unsafe { libc::dladdr(MALLOC.load(Relaxed) as *const c_void, &mut info) } == 0 {
+        return false;
+    }
+    // SAFETY: dli_fname is a NUL-terminated path (or null).
+    let path = unsafe { crate::sys::cstr_bytes(info.dli_fname) };
+    let name = path.rsplit(|&b| b == b'/').next().unwrap_or(path);
+    name.starts_with(b"libc.so") || name.starts_with(b"libc-")
 }

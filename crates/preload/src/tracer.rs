@@ -433,18 +433,21 @@ fn capture_stack() -> u32 {
 fn capture_into<const N: usize>(depth: usize) -> u32 {
     let mut frames = [0u64; N];
     let depth = depth.min(N);
-    let n = if FP_UNWIND.load(Relaxed) {
-        match crate::unwind::thread_stack() {
+    if FP_UNWIND.load(Relaxed) {
+        let n = match crate::unwind::thread_stack() {
             Some((lo, hi)) => stacks::capture_fp(&mut frames[..depth], lo, hi),
             None => 0,
-        }
-    } else {
-        crate::unwind::capture(&mut frames[..depth])
-    };
-    if n == 0 {
+        };
+        return intern(&frames[..n]);
+    }
+    crate::unwind::capture_interned(&mut frames[..depth], intern)
+}
+
+fn intern(frames: &[u64]) -> u32 {
+    if frames.is_empty() {
         return 0;
     }
-    match stacks::intern(&frames[..n]) {
+    match stacks::intern(frames) {
         stacks::Interned::Id(id) => id,
         stacks::Interned::Full => {
             count_drop(DropReason::StackTableFull);

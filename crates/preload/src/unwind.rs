@@ -317,7 +317,39 @@ struct ThreadCache {
     stack_hi: usize,
     entries: [Entry; CACHE_SLOTS],
     ctx: UnwindContext<usize, SmallStorage>,
+    /// The stack reads of the walk in progress, for the memo.
+    reads: [(u64, u64); MEMO_READS],
+    nreads: usize,
+    memo: [Memo; MEMO_SETS * MEMO_WAYS],
+    memo_clock: u32,
 }
+
+/// A whole walk, memoized exactly. The walk is a pure function of its start
+/// registers (ip, sp, bp), the depth asked for, the rules (fixed for one
+/// module-table generation) and the stack words it reads; a memo holds all of
+/// those and the interned stack id it produced. If every recorded word still
+/// holds its recorded value, the walk would read the same words in the same
+/// order and produce the same stack, so its id is returned without walking
+/// or interning again: two loads and compares per frame instead of a rule
+/// lookup, and no hashing of the stack. (Programs allocate from few call
+/// paths, over and over, at the same stack depths.)
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Memo {
+    sp: u64,
+    bp: u64,
+    generation: u64,
+    depth: u32,
+    id: u32,
+    nreads: u32,
+    used: u32,
+    reads: [(u64, u64); MEMO_READS],
+}
+
+/// Two reads a frame (return address, saved rbp) for up to 64 frames.
+const MEMO_READS: usize = 128;
+const MEMO_SETS: usize = 8;
+const MEMO_WAYS: usize = 4;
 
 // The calling thread's cache pointer: 0 not yet made, 1 cannot be made
 // (use libgcc), otherwise the mapping. Zeroed initial-exec TLS, like the
@@ -586,6 +618,108 @@ pub fn capture(out: &mut [u64]) -> usize {
     stacks::capture_dwarf(out)
 }
 
+/// Captures the calling program's stack and returns its interned id
+/// (`intern` turns frames into an id), using the memo of whole walks when the
+/// stack is one seen before. `out` is scratch space of the depth wanted.
+#[inline(never)]
+pub fn capture_interned(out: &mut [u64], intern: impl FnOnce(&[u64]) -> u32) -> u32 {
+    let (ip, sp, bp): (u64, u64, u64);
+    // SAFETY: reads three registers, as in `capture`.
+    unsafe {
+        core::arch::asm!(
+            "lea {ip}, [rip]",
+            "mov {sp}, rsp",
+            "mov {bp}, rbp",
+            ip = out(reg) ip,
+            sp = out(reg) sp,
+            bp = out(reg) bp,
+            options(nomem, nostack, preserves_flags),
+        );
+    }
+    let _ = ip;
+    if !LIBGCC_ONLY.load(Acquire) {
+        if let (Some(c), Some(t)) = (thread_cache(), table()) {
+            let set = memo_set(sp, bp);
+            if let Some(id) = memo_lookup(c, t, set, sp, bp, out.len()) {
+                return id;
+            }
+            if let Some(n) = walk(c, t, ip, sp, bp, out) {
+                let id = intern(&out[..n]);
+                memo_store(c, t, set, sp, bp, out.len(), id);
+                return id;
+            }
+            FALLBACKS.fetch_add(1, Relaxed);
+        }
+    }
+    let n = stacks::capture_dwarf(out);
+    intern(&out[..n])
+}
+
+#[inline(always)]
+fn memo_set(sp: u64, bp: u64) -> usize {
+    (((sp >> 4) ^ (bp >> 3)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 61) as usize % MEMO_SETS
+}
+
+/// The id of a memoized walk whose recorded reads all still hold.
+#[inline(always)]
+fn memo_lookup(
+    c: &mut ThreadCache,
+    t: &Table,
+    set: usize,
+    sp: u64,
+    bp: u64,
+    depth: usize,
+) -> Option<u32> {
+    'ways: for w in 0..MEMO_WAYS {
+        let m = &c.memo[set * MEMO_WAYS + w];
+        if m.id == 0
+            || m.sp != sp
+            || m.bp != bp
+            || m.depth as usize != depth
+            || m.generation != t.generation
+        {
+            continue;
+        }
+        for &(addr, value) in &m.reads[..m.nreads as usize] {
+            // SAFETY: `addr` was read by a walk from this same stack pointer
+            // on this thread: an aligned word in [sp, stack top), which is
+            // still this thread's live stack now that sp is the same.
+            if unsafe { core::ptr::read_volatile(addr as *const u64) } != value {
+                continue 'ways;
+            }
+        }
+        c.memo_clock = c.memo_clock.wrapping_add(1);
+        let clock = c.memo_clock;
+        let m = &mut c.memo[set * MEMO_WAYS + w];
+        m.used = clock;
+        return Some(m.id);
+    }
+    None
+}
+
+/// Remembers the walk just done (its reads are in `c.reads`), replacing the
+/// least recently used way of its set.
+fn memo_store(c: &mut ThreadCache, t: &Table, set: usize, sp: u64, bp: u64, depth: usize, id: u32) {
+    if id == 0 || c.nreads > MEMO_READS {
+        return;
+    }
+    let base = set * MEMO_WAYS;
+    let victim = (0..MEMO_WAYS)
+        .min_by_key(|&w| c.memo[base + w].used)
+        .unwrap_or(0);
+    c.memo_clock = c.memo_clock.wrapping_add(1);
+    let n = c.nreads;
+    let m = &mut c.memo[base + victim];
+    m.sp = sp;
+    m.bp = bp;
+    m.generation = t.generation;
+    m.depth = depth as u32;
+    m.id = id;
+    m.nreads = n as u32;
+    m.used = c.memo_clock;
+    m.reads[..n].copy_from_slice(&c.reads[..n]);
+}
+
 /// The cached walk; `None` when it must be done by libgcc.
 ///
 /// The loop is one dependent chain per frame (load the return address, hash
@@ -613,6 +747,7 @@ fn walk(
         });
         c.generation = t.generation;
     }
+    c.nreads = 0;
     // Every read lies in [lo, hi - 8], 8-aligned: the part of this thread's
     // stack at and above the capture's own frame, all of it mapped.
     let lo = sp;
@@ -668,6 +803,11 @@ fn walk(
                 core::ptr::read_volatile(bp_at as *const u64),
             )
         };
+        if c.nreads + 2 <= MEMO_READS {
+            c.reads[c.nreads] = (ra_at, ra);
+            c.reads[c.nreads + 1] = (bp_at, saved_bp);
+        }
+        c.nreads += 2;
         if ra == 0 {
             break;
         }
