@@ -15,7 +15,7 @@
 //! by the writer and then handed to the next new thread.
 
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicUsize, Ordering::*};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering::*};
 
 use crate::sys;
 
@@ -94,6 +94,16 @@ impl Ring {
         // and inside the ring (masked), so no one else reads or writes it.
         unsafe { *self.slots[tail & MASK].get() = ev };
         self.tail.0.store(tail.wrapping_add(1), Release);
+        // Half full by our last view of the consumer: make sure it is
+        // awake, rather than letting the ring fill while it sleeps. (The
+        // view is refreshed first so a stale one does not wake it for
+        // nothing; a sleeping writer is woken by one producer only.)
+        if tail.wrapping_sub(*cache) == CAP / 2 {
+            *cache = self.head.0.load(Acquire);
+            if tail.wrapping_sub(*cache) >= CAP / 2 {
+                wake_writer();
+            }
+        }
         true
     }
 
@@ -125,6 +135,52 @@ impl Ring {
 }
 
 static POOL: AtomicPtr<Ring> = AtomicPtr::new(core::ptr::null_mut());
+
+/// The futex word the writer sleeps on between cycles.
+static WAKE: AtomicU32 = AtomicU32::new(0);
+/// True while the writer sleeps (so producers know a wake-up is needed).
+static SLEEPING: AtomicBool = AtomicBool::new(false);
+
+/// Wakes the writer if it sleeps: one system call, made by the first
+/// producer that finds its ring half full, never by the others.
+#[cold]
+pub fn wake_writer() {
+    if SLEEPING.swap(false, AcqRel) {
+        WAKE.fetch_add(1, Release);
+        // SAFETY: a futex wake on our own word.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                WAKE.as_ptr(),
+                libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                1,
+            );
+        }
+    }
+}
+
+/// The writer's sleep between cycles: at most `ms`, less when a producer
+/// wakes it.
+pub fn writer_sleep(ms: u64) {
+    let seen = WAKE.load(Acquire);
+    SLEEPING.store(true, Release);
+    let ts = libc::timespec {
+        tv_sec: (ms / 1000) as i64,
+        tv_nsec: ((ms % 1000) * 1_000_000) as i64,
+    };
+    // SAFETY: a futex wait on our own word with a valid relative timeout; it
+    // returns at once if a producer bumped the word since `seen`.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            WAKE.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            seen,
+            &ts as *const libc::timespec,
+        );
+    }
+    SLEEPING.store(false, Release);
+}
 
 /// A ring for the calling thread: a free one from the pool, or a new mapping.
 /// Null only when the system refuses memory.

@@ -486,6 +486,7 @@ fn push(t: &Tls, ev: Event) {
         return;
     }
     if EXACT.load(Relaxed) {
+        ring::wake_writer();
         for _ in 0..FULL_RING_YIELDS {
             if STATE.load(Relaxed) != RUNNING {
                 break;

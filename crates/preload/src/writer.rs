@@ -236,7 +236,7 @@ extern "C" fn thread_main(_: *mut c_void) -> *mut c_void {
             unlock();
         }
         if !busy {
-            sys::sleep_ms(pace);
+            ring::writer_sleep(pace);
         }
     }
 }
