@@ -14,6 +14,15 @@ missing=()
 for cmd in "${!packages[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${packages[$cmd]}")
 done
+# library -> Debian package: the allocators tests/allocators.rs preloads
+# beside the tracer.
+declare -A libraries=(
+    [/usr/lib/x86_64-linux-gnu/libjemalloc.so.2]=libjemalloc2
+    [/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4]=libtcmalloc-minimal4
+)
+for lib in "${!libraries[@]}"; do
+    [[ -e $lib ]] || missing+=("${libraries[$lib]}")
+done
 if ((${#missing[@]})); then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
         echo "test.sh: installing ${missing[*]}"
