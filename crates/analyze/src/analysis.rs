@@ -246,6 +246,11 @@ pub struct Trace {
     pub modules: Vec<Module>,
     /// The leak scan at exit (SCAN record), when the tracer ran one.
     pub scan: Option<Scan>,
+    /// Anonymous mappings the program holds (MMAP minus MUNMAP records):
+    /// start -> (end, stack id). Present only with MTRACE_RS_MMAP=1.
+    pub mmaps: std::collections::BTreeMap<u64, (u64, u64)>,
+    /// MMAP records read.
+    pub mmap_events: u64,
     /// Generated code (CODE records: JIT-compiled methods, VM stubs), in
     /// file order (later ones win on overlap).
     pub code: Vec<crate::symbolize::CodeRange>,
@@ -292,6 +297,8 @@ impl Trace {
             modules: Vec::new(),
             code: Vec::new(),
             scan: None,
+            mmaps: std::collections::BTreeMap::new(),
+            mmap_events: 0,
             stacks: FxHashMap::default(),
             allocs: 0,
             frees: 0,
@@ -432,6 +439,23 @@ impl Trace {
                 self.see_ts(ts);
                 self.marks.push(Mark { ts, what, value });
             }
+            Record::Mmap {
+                ts,
+                addr,
+                len,
+                stack,
+            } => {
+                self.see_ts(ts);
+                self.mmap_events += 1;
+                self.unmap(addr, len);
+                if len > 0 {
+                    self.mmaps.insert(addr, (addr.saturating_add(len), stack));
+                }
+            }
+            Record::Munmap { ts, addr, len } => {
+                self.see_ts(ts);
+                self.unmap(addr, len);
+            }
             // The exit leak scan: classified by `mtrace-analyze check`.
             Record::Scan {
                 ts,
@@ -455,6 +479,40 @@ impl Trace {
                 });
             }
         }
+    }
+
+    /// Removes [addr, addr + len) from the held mappings, splitting the ones
+    /// that straddle it (munmap may unmap part of a mapping).
+    fn unmap(&mut self, addr: u64, len: u64) {
+        let end = addr.saturating_add(len);
+        let hit: Vec<(u64, (u64, u64))> = self
+            .mmaps
+            .range(..end)
+            .rev()
+            .take_while(|(_, &(e, _))| e > addr)
+            .map(|(&s, &v)| (s, v))
+            .collect();
+        for (s, (e, stack)) in hit {
+            self.mmaps.remove(&s);
+            if s < addr {
+                self.mmaps.insert(s, (addr, stack));
+            }
+            if e > end {
+                self.mmaps.insert(end, (e, stack));
+            }
+        }
+    }
+
+    /// Bytes of anonymous mappings held at the end, per stack id.
+    pub fn mapped_by_stack(&self) -> FxHashMap<u64, Sums> {
+        let mut out: FxHashMap<u64, Sums> = FxHashMap::default();
+        for (&s, &(e, stack)) in &self.mmaps {
+            let sums = out.entry(stack).or_default();
+            sums.bytes += (e - s) as f64;
+            sums.objects += 1.0;
+            sums.samples += 1;
+        }
+        out
     }
 
     fn see_ts(&mut self, ts: u64) {

@@ -82,6 +82,17 @@ pub struct Report {
     /// Groups before `--top` and `--min-bytes`.
     #[serde(skip)]
     pub groups: usize,
+    /// Anonymous mappings held at the end, by caller (MTRACE_RS_MMAP=1);
+    /// `null` when the trace has none recorded.
+    pub mmap: Option<MmapOut>,
+}
+
+/// Anonymous memory the program mapped itself and still held.
+#[derive(Clone, Debug, Serialize)]
+pub struct MmapOut {
+    pub bytes: u64,
+    pub mappings: u64,
+    pub callers: Vec<Caller>,
 }
 
 /// Facts about the traced process and the file.
@@ -441,10 +452,53 @@ pub fn build_report(
 
     // Step 2: group stacks.
     let mut cache = SymCache::new(sym);
-    let mut groups = group_stacks(trace, &per_stack, |a| a.bytes, &mut cache, opts, false);
+    let (callers, n_groups) = rank_callers(trace, &per_stack, &total, &mut cache, opts);
+
+    // Anonymous mappings (MTRACE_RS_MMAP=1), grouped the same way.
+    let mmap = (trace.mmap_events > 0).then(|| {
+        let per_stack = trace.mapped_by_stack();
+        let mut total = Sums::default();
+        for a in per_stack.values() {
+            total.add(a);
+        }
+        let (callers, _) = rank_callers(trace, &per_stack, &total, &mut cache, opts);
+        MmapOut {
+            bytes: total.bytes.round() as u64,
+            mappings: trace.mmaps.len() as u64,
+            callers,
+        }
+    });
+
+    Report {
+        trace: summarize(trace, path),
+        at: opts.at.as_ref().map(|m| AtOut {
+            ns: m.ns,
+            label: m.label.clone(),
+        }),
+        memory: memory_out(trace),
+        totals: Totals {
+            bytes: total.bytes.round() as u64,
+            objects: total.objects.round() as u64,
+            estimated: total.estimated,
+        },
+        callers,
+        groups: n_groups,
+        mmap,
+    }
+}
+
+/// Groups per-stack sums by caller and ranks them (`--top`, `--min-bytes`);
+/// also returns the number of groups before the cut.
+fn rank_callers(
+    trace: &Trace,
+    per_stack: &FxHashMap<u64, Sums>,
+    total: &Sums,
+    cache: &mut SymCache,
+    opts: &ReportOptions,
+) -> (Vec<Caller>, usize) {
+    let mut groups = group_stacks(trace, per_stack, |a| a.bytes, cache, opts, false);
     let n_groups = groups.len();
     groups.sort_by(|a, b| b.1.bytes.total_cmp(&a.1.bytes).then_with(|| a.0.cmp(&b.0)));
-
     let mut callers = Vec::new();
     for (key, agg, rep) in groups {
         if callers.len() >= opts.top {
@@ -459,7 +513,7 @@ pub fn build_report(
         } else {
             0.0
         };
-        let loc = locate(trace, &key, rep, &mut cache, opts);
+        let loc = locate(trace, &key, rep, cache, opts);
         callers.push(Caller {
             rank: callers.len() + 1,
             function: loc.function,
@@ -476,22 +530,7 @@ pub fn build_report(
             offset: loc.offset,
         });
     }
-
-    Report {
-        trace: summarize(trace, path),
-        at: opts.at.as_ref().map(|m| AtOut {
-            ns: m.ns,
-            label: m.label.clone(),
-        }),
-        memory: memory_out(trace),
-        totals: Totals {
-            bytes: total.bytes.round() as u64,
-            objects: total.objects.round() as u64,
-            estimated: total.estimated,
-        },
-        callers,
-        groups: n_groups,
-    }
+    (callers, n_groups)
 }
 
 /// The `memory` part of the report.
@@ -905,6 +944,23 @@ pub fn write_text(report: &Report, out: &mut dyn Write) -> io::Result<()> {
             tilde,
             count(report.totals.bytes.saturating_sub(shown), "byte", "bytes")
         );
+    }
+    if let Some(m) = &report.mmap {
+        let _ = writeln!(
+            s,
+            "\nAnonymous mmap held at end: {} in {}",
+            count(m.bytes, "byte", "bytes"),
+            count(m.mappings, "mapping", "mappings")
+        );
+        for c in &m.callers {
+            let name = c.function.as_deref().unwrap_or("?");
+            let _ = writeln!(
+                s,
+                "  {:>14} B  {}  {name}",
+                thousands(c.bytes),
+                count(c.objects, "mapping", "mappings")
+            );
+        }
     }
     out.write_all(s.as_bytes())
 }

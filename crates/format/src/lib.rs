@@ -56,6 +56,10 @@
 //!                  unreachable (no pointer to them from data segments, the
 //!                  exiting thread's stack and TLS, or reachable blocks);
 //!                  the others were reachable
+//!   0x0d  MMAP     dt: sv, da: sv, len: uv, stack: uv   (version 2)
+//!                  an anonymous mapping the program made (MTRACE_RS_MMAP=1)
+//!   0x0e  MUNMAP   dt: sv, da: sv, len: uv             (version 2)
+//!                  a range the program unmapped (any kind of mapping)
 //! ```
 //!
 //! Compatibility: a decoder reads every version from `MIN_READABLE_VERSION` to
@@ -93,6 +97,8 @@ pub mod tag {
     pub const MARK: u8 = 0x0a;
     pub const CODE: u8 = 0x0b;
     pub const SCAN: u8 = 0x0c;
+    pub const MMAP: u8 = 0x0d;
+    pub const MUNMAP: u8 = 0x0e;
 }
 
 /// Why events were dropped; the numbers are part of the format.
@@ -328,6 +334,19 @@ pub enum Record {
         start: u64,
         len: u64,
         name: Vec<u8>,
+    },
+    /// An anonymous mapping made by the program.
+    Mmap {
+        ts: u64,
+        addr: u64,
+        len: u64,
+        stack: u64,
+    },
+    /// A range unmapped by the program.
+    Munmap {
+        ts: u64,
+        addr: u64,
+        len: u64,
     },
     /// The leak scan at exit: `unreachable` lists the addresses (ascending)
     /// of the blocks nothing pointed to, out of `live` blocks live then.
@@ -577,6 +596,22 @@ impl Encoder {
         self.dt(out, ts);
         put_uv(out, what);
         put_uv(out, value);
+    }
+
+    pub fn mmap(&mut self, out: &mut Vec<u8>, ts: u64, addr: u64, len: u64, stack: u64) {
+        let dt = zig(ts.wrapping_sub(self.last_ts) as i64);
+        let da = zig(addr.wrapping_sub(self.last_addr) as i64);
+        self.last_ts = ts;
+        self.last_addr = addr;
+        put_record(out, tag::MMAP, &[dt, da, len, stack]);
+    }
+
+    pub fn munmap(&mut self, out: &mut Vec<u8>, ts: u64, addr: u64, len: u64) {
+        let dt = zig(ts.wrapping_sub(self.last_ts) as i64);
+        let da = zig(addr.wrapping_sub(self.last_addr) as i64);
+        self.last_ts = ts;
+        self.last_addr = addr;
+        put_record(out, tag::MUNMAP, &[dt, da, len]);
     }
 
     /// `unreachable` must be sorted ascending.
@@ -974,6 +1009,24 @@ fn parse(window: &[u8], last_ts: &mut u64, last_addr: &mut u64) -> Parsed {
             let addr = da!();
             Record::Free { ts, addr }
         }
+        tag::MMAP => {
+            let ts = dt!();
+            let addr = da!();
+            let len = uv!();
+            let stack = uv!();
+            Record::Mmap {
+                ts,
+                addr,
+                len,
+                stack,
+            }
+        }
+        tag::MUNMAP => {
+            let ts = dt!();
+            let addr = da!();
+            let len = uv!();
+            Record::Munmap { ts, addr, len }
+        }
         tag::DROPPED => {
             let reason = DropReason::from_code(uv!());
             let total = uv!();
@@ -1089,6 +1142,13 @@ mod tests {
                     live,
                     unreachable,
                 } => enc.scan(&mut body, *ts, *live, unreachable),
+                Record::Mmap {
+                    ts,
+                    addr,
+                    len,
+                    stack,
+                } => enc.mmap(&mut body, *ts, *addr, *len, *stack),
+                Record::Munmap { ts, addr, len } => enc.munmap(&mut body, *ts, *addr, *len),
             }
         }
         let mut h = header();

@@ -460,6 +460,90 @@ pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
 }
 
 // ---------------------------------------------------------------------------
+// Mappings (MTRACE_RS_MMAP=1): what the program maps itself, like a JVM's
+// heap and metaspace or a service's big buffers. glibc's allocator maps its
+// arenas through its internal mmap, which does not come here.
+
+/// # Safety
+/// As C's `mmap`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn mmap(
+    addr: *mut c_void,
+    len: usize,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: libc::off_t,
+) -> *mut c_void {
+    // SAFETY: forwarding.
+    let p = unsafe { real::mmap(addr, len, prot, flags, fd, off) };
+    if tracer::MMAP_TRACKING.load(Relaxed)
+        && p != libc::MAP_FAILED
+        && flags & libc::MAP_ANONYMOUS != 0
+    {
+        tracer::record_map(crate::ring::KIND_MMAP, p as u64, len as u64, sys::now_ns());
+    }
+    p
+}
+
+/// # Safety
+/// As glibc's `mmap64` (the same function on 64-bit Linux).
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn mmap64(
+    addr: *mut c_void,
+    len: usize,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: libc::off_t,
+) -> *mut c_void {
+    // SAFETY: as mmap.
+    unsafe { mmap(addr, len, prot, flags, fd, off) }
+}
+
+/// # Safety
+/// As C's `munmap`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn munmap(addr: *mut c_void, len: usize) -> c_int {
+    if tracer::MMAP_TRACKING.load(Relaxed) {
+        tracer::record_map(
+            crate::ring::KIND_MUNMAP,
+            addr as u64,
+            len as u64,
+            sys::now_ns(),
+        );
+    }
+    // SAFETY: forwarding.
+    unsafe { real::munmap(addr, len) }
+}
+
+/// # Safety
+/// As Linux's `mremap`; the optional fifth argument is passed through as is
+/// (the real function reads it only with MREMAP_FIXED).
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn mremap(
+    old: *mut c_void,
+    old_len: usize,
+    new_len: usize,
+    flags: c_int,
+    new_addr: *mut c_void,
+) -> *mut c_void {
+    let ts = sys::now_ns();
+    // SAFETY: forwarding.
+    let q = unsafe { real::mremap(old, old_len, new_len, flags, new_addr) };
+    if tracer::MMAP_TRACKING.load(Relaxed) && q != libc::MAP_FAILED {
+        tracer::record_map(crate::ring::KIND_MUNMAP, old as u64, old_len as u64, ts);
+        tracer::record_map(
+            crate::ring::KIND_MMAP,
+            q as u64,
+            new_len as u64,
+            sys::now_ns(),
+        );
+    }
+    q
+}
+
+// ---------------------------------------------------------------------------
 // Process events: the image is about to be replaced or to vanish, so what the
 // writer has not copied yet is written now.
 

@@ -43,6 +43,8 @@ pub struct Config {
     pub unwind: Unwind,
     /// Scan for unreachable blocks at exit (exact mode only).
     pub leak_scan: bool,
+    /// Record the program's anonymous mmap/munmap/mremap.
+    pub mmap: bool,
 }
 
 pub const DEFAULT_SAMPLE_BYTES: u64 = 512 * 1024;
@@ -66,6 +68,7 @@ impl Config {
             stats_ms: 100,
             unwind: Unwind::Dwarf,
             leak_scan: false,
+            mmap: false,
         }
     }
 
@@ -169,13 +172,24 @@ impl Config {
                 }
             }
         }
+        if let Some(v) = getenv(b"MTRACE_RS_MMAP\0") {
+            match v {
+                b"1" => c.mmap = true,
+                b"0" => c.mmap = false,
+                _ => {
+                    bad(b"MTRACE_RS_MMAP", v, b"expected 0 or 1");
+                    ok = false;
+                }
+            }
+        }
         warn_unknown();
         ok.then_some(c)
     }
 }
 
 /// Every variable we read, for the typo check.
-const KNOWN: [&[u8]; 9] = [
+const KNOWN: [&[u8]; 10] = [
+    b"MTRACE_RS_MMAP",
     b"MTRACE_RS_LEAK_SCAN",
     b"MTRACE_RS_OUT",
     b"MTRACE_RS_SAMPLE_BYTES",

@@ -30,8 +30,8 @@ pub mod writer;
 
 pub use api::{
     _exit, aligned_alloc, calloc, execl, execle, execlp, execv, execve, execvp, execvpe, free,
-    malloc, malloc_usable_size, memalign, posix_memalign, pvalloc, realloc, reallocarray, valloc,
-    Agent_OnAttach, Agent_OnLoad,
+    malloc, malloc_usable_size, memalign, mmap, mmap64, mremap, munmap, posix_memalign, pvalloc,
+    realloc, reallocarray, valloc, Agent_OnAttach, Agent_OnLoad,
 };
 
 use core::sync::atomic::{AtomicUsize, Ordering::*};
@@ -68,6 +68,7 @@ extern "C" fn init() {
         }
         unwind::init(cfg.unwind == config::Unwind::Libgcc);
         tracer::configure(cfg.sample_bytes, cfg.depth, cfg.seed, cfg.unwind);
+        tracer::MMAP_TRACKING.store(cfg.mmap, Relaxed);
         tracer::init_exit_key();
         tracer::start();
         if !writer::start(&cfg, sys::getppid(), false) {

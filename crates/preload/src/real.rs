@@ -31,6 +31,10 @@ type ExecveFn = unsafe extern "C" fn(
     *const *const libc::c_char,
 ) -> c_int;
 type ExecvFn = unsafe extern "C" fn(*const libc::c_char, *const *const libc::c_char) -> c_int;
+type MmapFn =
+    unsafe extern "C" fn(*mut c_void, usize, c_int, c_int, c_int, libc::off_t) -> *mut c_void;
+type MunmapFn = unsafe extern "C" fn(*mut c_void, usize) -> c_int;
+type MremapFn = unsafe extern "C" fn(*mut c_void, usize, usize, c_int, *mut c_void) -> *mut c_void;
 
 extern "C" {
     fn __libc_malloc(size: usize) -> *mut c_void;
@@ -99,6 +103,9 @@ real_fns! {
     EXECVE: ExecveFn = boot_execve(path: *const libc::c_char, argv: *const *const libc::c_char, envp: *const *const libc::c_char) -> c_int, "execve", libc::syscall(libc::SYS_execve, path, argv, envp) as c_int;
     EXECV: ExecvFn = boot_execv(path: *const libc::c_char, argv: *const *const libc::c_char) -> c_int, "execv", libc::syscall(libc::SYS_execve, path, argv, core::ptr::null::<*const libc::c_char>()) as c_int;
     EXECVP: ExecvFn = boot_execvp(path: *const libc::c_char, argv: *const *const libc::c_char) -> c_int, "execvp", libc::syscall(libc::SYS_execve, path, argv, core::ptr::null::<*const libc::c_char>()) as c_int;
+    MMAP: MmapFn = boot_mmap(addr: *mut c_void, len: usize, prot: c_int, flags: c_int, fd: c_int, off: libc::off_t) -> *mut c_void, "mmap", libc::syscall(libc::SYS_mmap, addr, len, prot, flags, fd, off) as *mut c_void;
+    MUNMAP: MunmapFn = boot_munmap(addr: *mut c_void, len: usize) -> c_int, "munmap", libc::syscall(libc::SYS_munmap, addr, len) as c_int;
+    MREMAP: MremapFn = boot_mremap(old: *mut c_void, old_len: usize, new_len: usize, flags: c_int, new_addr: *mut c_void) -> *mut c_void, "mremap", libc::syscall(libc::SYS_mremap, old, old_len, new_len, flags, new_addr) as *mut c_void;
     EXECVPE: ExecveFn = boot_execvpe(path: *const libc::c_char, argv: *const *const libc::c_char, envp: *const *const libc::c_char) -> c_int, "execvpe", libc::syscall(libc::SYS_execve, path, argv, envp) as c_int;
 }
 
@@ -196,6 +203,31 @@ pub unsafe fn pvalloc(size: usize) -> *mut c_void {
 pub unsafe fn malloc_usable_size(p: *mut c_void) -> usize {
     // SAFETY: forwarding.
     unsafe { call!(USABLE: UsableFn)(p) }
+}
+pub unsafe fn mmap(
+    addr: *mut c_void,
+    len: usize,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: libc::off_t,
+) -> *mut c_void {
+    // SAFETY: forwarding.
+    unsafe { call!(MMAP: MmapFn)(addr, len, prot, flags, fd, off) }
+}
+pub unsafe fn munmap(addr: *mut c_void, len: usize) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { call!(MUNMAP: MunmapFn)(addr, len) }
+}
+pub unsafe fn mremap(
+    old: *mut c_void,
+    old_len: usize,
+    new_len: usize,
+    flags: c_int,
+    new_addr: *mut c_void,
+) -> *mut c_void {
+    // SAFETY: forwarding.
+    unsafe { call!(MREMAP: MremapFn)(old, old_len, new_len, flags, new_addr) }
 }
 pub unsafe fn execve(
     path: *const libc::c_char,

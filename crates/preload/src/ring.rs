@@ -36,6 +36,10 @@ pub struct Event {
 pub const KIND_ALLOC: u32 = 1;
 pub const KIND_SAMPLE: u32 = 2;
 pub const KIND_FREE: u32 = 3;
+/// An anonymous mapping (`size` is its length).
+pub const KIND_MMAP: u32 = 4;
+/// An unmapped range (`size` is its length).
+pub const KIND_MUNMAP: u32 = 5;
 
 /// Slots per ring: 32 Ki events, 1 MiB of address space, touched only as far
 /// as the ring has ever filled.

@@ -47,6 +47,8 @@ static SEED: AtomicU64 = AtomicU64::new(0);
 static SEEDED: AtomicBool = AtomicBool::new(false);
 static FP_UNWIND: AtomicBool = AtomicBool::new(false);
 static THREAD_SEQ: AtomicU64 = AtomicU64::new(0);
+/// MTRACE_RS_MMAP: record the program's anonymous mappings.
+pub static MMAP_TRACKING: AtomicBool = AtomicBool::new(false);
 static EXIT_KEY: AtomicUsize = AtomicUsize::new(usize::MAX);
 
 /// Drop counters, indexed by `DropReason::code()`.
@@ -397,6 +399,38 @@ fn free_is_recorded(t: &Tls, ptr: *mut libc::c_void) -> bool {
         return false;
     }
     true
+}
+
+/// Records an anonymous mapping or an unmapping (MTRACE_RS_MMAP=1). Our own
+/// mappings (rings, tables) are made under the guard and not recorded.
+pub fn record_map(kind: u32, addr: u64, len: u64, ts: u64) {
+    if STATE.load(Acquire) != RUNNING {
+        return;
+    }
+    TLS.with(|t| {
+        if t.guard.get() {
+            return;
+        }
+        let errno = sys::errno();
+        t.guard.set(true);
+        let stack = if kind == ring::KIND_MMAP {
+            capture_stack()
+        } else {
+            0
+        };
+        push(
+            t,
+            Event {
+                ts,
+                addr,
+                size: len,
+                stack,
+                kind,
+            },
+        );
+        t.guard.set(false);
+        sys::set_errno(errno);
+    });
 }
 
 /// Records a free; `ts` was read before the real free ran.

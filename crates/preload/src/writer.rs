@@ -550,13 +550,20 @@ impl Writer {
         // Rings are drained one after another, so merge by time: frees sort
         // before allocations at equal times (an address is freed before it
         // can be handed out again).
-        events.sort_unstable_by_key(|e| (e.ts, e.kind != ring::KIND_FREE));
+        events.sort_unstable_by_key(|e| {
+            (
+                e.ts,
+                e.kind != ring::KIND_FREE && e.kind != ring::KIND_MUNMAP,
+            )
+        });
         self.modules(&mut buf);
         self.stacks(&mut buf);
         for e in &events {
             let ts = e.ts.saturating_sub(self.start_mono);
             match e.kind {
                 ring::KIND_FREE => self.enc.free(&mut buf, ts, e.addr),
+                ring::KIND_MMAP => self.enc.mmap(&mut buf, ts, e.addr, e.size, e.stack as u64),
+                ring::KIND_MUNMAP => self.enc.munmap(&mut buf, ts, e.addr, e.size),
                 k => self.enc.alloc(
                     &mut buf,
                     ts,
