@@ -61,6 +61,7 @@ extern "C" fn init() {
         // only by the fork-child handler afterwards.
         unsafe { CONFIG = cfg };
         set_self_range();
+        warn_if_shadowed();
         if !stacks::init() || (!cfg.exact() && !sampled::init()) {
             sys::warn(&[b"cannot reserve memory for the tracer's tables; tracing disabled"]);
             tracer::STATE.store(tracer::FINISHED, Release);
@@ -108,6 +109,33 @@ static INIT: extern "C" fn() = init;
 #[used]
 #[link_section = ".fini_array"]
 static FINI: extern "C" fn() = fini;
+
+/// Says so when the program's `malloc` is not ours: an allocator preloaded
+/// before us (`LD_PRELOAD="libjemalloc.so.2 libmtrace_rs.so"`) takes every
+/// call, and the trace would silently stay empty.
+fn warn_if_shadowed() {
+    // SAFETY: dlsym with a NUL-terminated name; dladdr fills a local struct.
+    unsafe {
+        let found = libc::dlsym(libc::RTLD_DEFAULT, c"malloc".as_ptr());
+        // (Compared with our mapped range: `api::malloc`'s own address would
+        // be resolved through symbol preemption to the very same `found`.)
+        let (lo, hi) = stacks::self_range();
+        if found.is_null() || (found as u64 >= lo && (found as u64) < hi) {
+            return;
+        }
+        let mut info: libc::Dl_info = core::mem::zeroed();
+        let who = if libc::dladdr(found, &mut info) != 0 {
+            sys::cstr_bytes(info.dli_fname)
+        } else {
+            b"another object"
+        };
+        sys::warn(&[
+            b"malloc is taken by ",
+            who,
+            b", loaded before libmtrace_rs.so: its allocations are not traced; list libmtrace_rs.so first in LD_PRELOAD",
+        ]);
+    }
+}
 
 /// Finds this library's mapped range, so that stacks can drop its frames.
 fn set_self_range() {
