@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 # missing tool, so a machine without root still runs everything else.
 declare -A packages=(
     [cc]=gcc [c++]=g++ [sqlite3]=sqlite3 [git]=git [python3]=python3 [java]=default-jdk-headless
+    # `go tool pprof` reads the pprof export back in tests/export.rs.
+    [go]=golang-go
 )
 missing=()
 for cmd in "${!packages[@]}"; do

@@ -18,7 +18,12 @@
 //!   was live at a moment are taken while streaming
 //!   ([`analysis::Snapshot`]); [`diff`] ranks callers by growth between two
 //!   moments or two traces.
-//! - [`flame`] writes folded stacks and flamegraphs (inferno).
+//! - [`flame`] writes folded stacks and flamegraphs (inferno); [`pprof`]
+//!   writes a gzipped `profile.proto` for pprof, Pyroscope, Parca and
+//!   speedscope.
+//! - [`churn`] ranks callers by how often and how much they allocate, with
+//!   per-caller lifetime and size distributions (hdrhistogram), streaming the
+//!   records itself.
 //! - [`check`] is the CI leak check: per process, outstanding blocks at exit
 //!   split by the tracer's leak scan into definitely lost and reachable,
 //!   filtered by [`suppress`]ions, with thresholds and exit codes;
@@ -30,12 +35,14 @@
 
 pub mod analysis;
 pub mod check;
+pub mod churn;
 pub mod diff;
 pub mod flame;
 pub mod folds;
 pub mod fxhash;
 pub mod junit;
 pub mod memory;
+pub mod pprof;
 pub mod report;
 pub mod suppress;
 pub mod symbolize;

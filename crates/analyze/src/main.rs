@@ -20,9 +20,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use mtrace_analyze::analysis::{read_trace_with, Snapshot, Trace, TraceEnding};
 use mtrace_analyze::check::{self, CheckOptions, Checker, EXIT_ERROR, EXIT_LEAKS};
+use mtrace_analyze::churn;
 use mtrace_analyze::diff;
 use mtrace_analyze::flame;
 use mtrace_analyze::folds::Folds;
+use mtrace_analyze::pprof;
 use mtrace_analyze::report::{
     build_report, write_json, write_text, GroupBy, Moment, ReportOptions,
 };
@@ -62,6 +64,10 @@ enum Command {
     /// A flamegraph (SVG, drawn with inferno) of outstanding bytes,
     /// allocated bytes or allocation count by stack.
     Flamegraph(FlameArgs),
+    /// Temporary allocations: callers ranked by allocation count or bytes
+    /// allocated, with their sizes and the lifetimes of their blocks
+    /// (p50/p90/p99, share freed within 1 ms).
+    Churn(ChurnArgs),
     /// The CI leak check: fail when traced processes exited with leaked
     /// blocks (definitely lost per the tracer's leak scan; everything
     /// outstanding when the trace has no scan).
@@ -304,12 +310,39 @@ struct FlameArgs {
     /// `report --at`) instead of at the end.
     #[arg(long, value_name = "TIME")]
     at: Option<TimeArg>,
-    /// svg, or collapsed for other flamegraph tools.
+    /// svg, collapsed for other flamegraph tools, or pprof (a gzipped
+    /// profile.proto with every metric; needs -o or a pipe).
     #[arg(long, value_enum, default_value_t = FlameFormat::Svg)]
     format: FlameFormat,
     /// Also look for separate debug files here.
     #[arg(long, value_name = "DIR")]
     debug_dir: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct ChurnArgs {
+    /// The trace file written by libmtrace_rs.so.
+    #[arg(value_name = "TRACE")]
+    trace: PathBuf,
+    /// Rank callers by allocation count, bytes allocated, or blocks freed
+    /// within 1 ms.
+    #[arg(long, value_enum, default_value_t = ChurnSortArg::Count)]
+    sort: ChurnSortArg,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = DiffFormat::Text)]
+    format: DiffFormat,
+    /// Write to FILE instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    #[command(flatten)]
+    grouping: Grouping,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ChurnSortArg {
+    Count,
+    Bytes,
+    ShortLived,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -323,6 +356,7 @@ enum FlameMetric {
 enum FlameFormat {
     Svg,
     Collapsed,
+    Pprof,
 }
 
 /// A moment as typed, and what it means.
@@ -349,6 +383,10 @@ enum Format {
     /// Folded stacks (`frame;frame;frame bytes`) of the outstanding bytes,
     /// for flamegraph tools.
     Collapsed,
+    /// A gzipped profile.proto (alloc_objects, alloc_space, inuse_objects,
+    /// inuse_space) for pprof, Pyroscope, Parca and speedscope; needs -o
+    /// FILE or a pipe.
+    Pprof,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -395,6 +433,7 @@ fn run() -> anyhow::Result<ExitCode> {
         Some(Command::Timeline(args)) => timeline_cmd(args),
         Some(Command::Diff(args)) => diff_cmd(args),
         Some(Command::Flamegraph(args)) => flamegraph_cmd(args),
+        Some(Command::Churn(args)) => churn_cmd(args),
         Some(Command::Check(args)) => check_cmd(args),
         Some(Command::Run(args)) => run_cmd(args),
         None => report(cli.report),
@@ -508,6 +547,7 @@ fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
     };
     opts.at = at;
     let mut sym = symbolizer(&trace, &args.grouping);
+    binary_needs_file(matches!(args.format, Format::Pprof), &args.output)?;
     let mut out = output(&args.output)?;
     match args.format {
         Format::Text | Format::Json => {
@@ -523,6 +563,10 @@ fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
             let lines = flame::folded(&trace, &mut sym, flame::Metric::Outstanding, snapshot);
             print_warnings(&mut sym);
             flame::write_folded(&lines, &mut out)
+        }
+        Format::Pprof => {
+            let snapshot = opts.at.as_ref().map(|m| m.snapshot);
+            write_pprof(&trace, &mut sym, snapshot, &args.output, &mut out)
         }
     }
     .and_then(|()| out.flush())
@@ -575,14 +619,86 @@ fn flamegraph_cmd(args: FlameArgs) -> anyhow::Result<ExitCode> {
         (flame::Metric::Allocated, _) => format!("Bytes allocated: {exe}"),
         (flame::Metric::Count, _) => format!("Allocations: {exe}"),
     };
+    binary_needs_file(matches!(args.format, FlameFormat::Pprof), &args.output)?;
     let mut out = output(&args.output)?;
     match args.format {
         FlameFormat::Svg => flame::write_flamegraph(&lines, metric, &title, &mut out),
         FlameFormat::Collapsed => flame::write_folded(&lines, &mut out),
+        FlameFormat::Pprof => write_pprof(
+            &trace,
+            &mut sym,
+            at.as_ref().map(|m| m.snapshot),
+            &args.output,
+            &mut out,
+        ),
     }
     .and_then(|()| out.flush())
     .context("writing the flamegraph")?;
     Ok(finish(&[(&trace, &shown)]))
+}
+
+/// Refuses to write a binary format to a terminal.
+fn binary_needs_file(binary: bool, path: &Option<PathBuf>) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    if binary && path.is_none() && io::stdout().is_terminal() {
+        bail!("--format pprof writes a binary file: give -o FILE (e.g. -o heap.pb.gz)");
+    }
+    Ok(())
+}
+
+/// Writes the pprof profile and says where it went.
+fn write_pprof(
+    trace: &Trace,
+    sym: &mut ElfSymbolizer,
+    snapshot: Option<usize>,
+    path: &Option<PathBuf>,
+    out: &mut dyn Write,
+) -> io::Result<()> {
+    let profile = pprof::build_profile(trace, sym, snapshot);
+    print_warnings(sym);
+    pprof::write_pprof(&profile, out)?;
+    if let Some(p) = path {
+        eprintln!(
+            "mtrace-analyze: wrote {} ({} samples, {} locations); open it with \
+             `go tool pprof -http=: {}` or in Pyroscope, Parca or speedscope",
+            p.display(),
+            profile.sample.len(),
+            profile.location.len(),
+            p.display()
+        );
+    }
+    Ok(())
+}
+
+fn churn_cmd(args: ChurnArgs) -> anyhow::Result<ExitCode> {
+    let shown = args.trace.display().to_string();
+    let read = File::open(&args.trace)
+        .map_err(|e| e.to_string())
+        .and_then(|f| churn::read_churn(f).map_err(|e| e.to_string()));
+    let c = match read {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mtrace-analyze: {shown}: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let opts = options(&args.grouping);
+    let sort = match args.sort {
+        ChurnSortArg::Count => churn::ChurnSort::Count,
+        ChurnSortArg::Bytes => churn::ChurnSort::Bytes,
+        ChurnSortArg::ShortLived => churn::ChurnSort::ShortLived,
+    };
+    let mut sym = symbolizer(&c.trace, &args.grouping);
+    let report = churn::build_churn(&c, &shown, &mut sym, &opts, sort);
+    print_warnings(&mut sym);
+    let mut out = output(&args.output)?;
+    match args.format {
+        DiffFormat::Text => churn::write_text(&report, &mut out),
+        DiffFormat::Json => churn::write_json(&report, &mut out),
+    }
+    .and_then(|()| out.flush())
+    .context("writing the churn report")?;
+    Ok(finish(&[(&c.trace, &shown)]))
 }
 
 fn timeline_cmd(args: TimelineArgs) -> anyhow::Result<ExitCode> {

@@ -181,7 +181,9 @@ impl MemoryStats {
                 live,
                 ..TimelinePoint::default()
             });
-            self.next_live_only = (ts / LIVE_ONLY_INTERVAL_NS + 1) * LIVE_ONLY_INTERVAL_NS;
+            self.next_live_only = (ts / LIVE_ONLY_INTERVAL_NS)
+                .saturating_add(1)
+                .saturating_mul(LIVE_ONLY_INTERVAL_NS);
         }
     }
 
