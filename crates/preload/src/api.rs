@@ -638,6 +638,18 @@ variadic_exec!(execl, real::EXECL);
 variadic_exec!(execlp, real::EXECLP);
 variadic_exec!(execle, real::EXECLE);
 
+/// `_Exit` is `_exit` under its C99 name (LLVM's tools, lld among them,
+/// end with it).
+///
+/// # Safety
+/// As C's `_Exit`.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+#[allow(non_snake_case)]
+pub unsafe extern "C" fn _Exit(status: c_int) -> ! {
+    // SAFETY: the same function.
+    unsafe { _exit(status) }
+}
+
 /// `_exit` skips atexit handlers and library destructors, so the tracer
 /// finishes the file here (forked children of test runners end this way).
 ///

@@ -29,9 +29,9 @@ pub mod unwind;
 pub mod writer;
 
 pub use api::{
-    _exit, aligned_alloc, calloc, execl, execle, execlp, execv, execve, execvp, execvpe, free,
-    malloc, malloc_usable_size, memalign, mmap, mmap64, mremap, munmap, posix_memalign, pvalloc,
-    realloc, reallocarray, valloc, Agent_OnAttach, Agent_OnLoad,
+    _Exit, _exit, aligned_alloc, calloc, execl, execle, execlp, execv, execve, execvp, execvpe,
+    free, malloc, malloc_usable_size, memalign, mmap, mmap64, mremap, munmap, posix_memalign,
+    pvalloc, realloc, reallocarray, valloc, Agent_OnAttach, Agent_OnLoad,
 };
 
 use core::sync::atomic::{AtomicUsize, Ordering::*};
@@ -41,7 +41,15 @@ use config::Config;
 /// The configuration, kept for fork children (which open their own file).
 static mut CONFIG: Config = Config::default();
 
+const RTLD_DL_SYMENT: libc::c_int = 1;
+
 extern "C" {
+    fn dladdr1(
+        addr: *const libc::c_void,
+        info: *mut libc::Dl_info,
+        extra: *mut *mut libc::c_void,
+        flags: libc::c_int,
+    ) -> libc::c_int;
     fn pthread_atfork(
         prepare: Option<extern "C" fn()>,
         parent: Option<extern "C" fn()>,
@@ -110,29 +118,48 @@ static INIT: extern "C" fn() = init;
 #[link_section = ".fini_array"]
 static FINI: extern "C" fn() = fini;
 
-/// Says so when the program's `malloc` is not ours: an allocator preloaded
-/// before us (`LD_PRELOAD="libjemalloc.so.2 libmtrace_rs.so"`) takes every
-/// call, and the trace would silently stay empty.
+/// Says so when another allocator takes `malloc` ahead of us: one preloaded
+/// before us (`LD_PRELOAD="libjemalloc.so.2 libmtrace_rs.so"`) or linked
+/// into the executable itself (rustc links jemalloc): every call goes there
+/// and the trace would silently stay empty. The loader is asked which object
+/// the program's `malloc` resolves to; an executable that merely takes
+/// malloc's address exports a canonical PLT entry under that name, which
+/// `dladdr` does not name `malloc` (it is not a definition), so it is not
+/// mistaken for an allocator.
 fn warn_if_shadowed() {
-    // SAFETY: dlsym with a NUL-terminated name; dladdr fills a local struct.
+    let (lo, hi) = stacks::self_range();
+    // SAFETY: dlsym and dladdr read the loader's tables; the name is
+    // NUL-terminated and `info` is a local.
     unsafe {
         let found = libc::dlsym(libc::RTLD_DEFAULT, c"malloc".as_ptr());
-        // (Compared with our mapped range: `api::malloc`'s own address would
-        // be resolved through symbol preemption to the very same `found`.)
-        let (lo, hi) = stacks::self_range();
         if found.is_null() || (found as u64 >= lo && (found as u64) < hi) {
             return;
         }
         let mut info: libc::Dl_info = core::mem::zeroed();
-        let who = if libc::dladdr(found, &mut info) != 0 {
-            sys::cstr_bytes(info.dli_fname)
-        } else {
-            b"another object"
-        };
+        let mut sym: *const libc::Elf64_Sym = core::ptr::null();
+        if dladdr1(
+            found,
+            &mut info,
+            &mut sym as *mut _ as *mut *mut libc::c_void,
+            RTLD_DL_SYMENT,
+        ) == 0
+            || sym.is_null()
+            || (*sym).st_shndx == 0
+            || sys::cstr_bytes(info.dli_sname) != b"malloc"
+        {
+            // Not a definition of malloc: a canonical PLT entry (undefined,
+            // with the PLT slot as its value) or something else entirely.
+            return;
+        }
+        let who = sys::cstr_bytes(info.dli_fname);
+        let base = who.rsplit(|&b| b == b'/').next().unwrap_or(who);
+        if base.starts_with(b"libc.so") {
+            return;
+        }
         sys::warn(&[
             b"malloc is taken by ",
-            who,
-            b", loaded before libmtrace_rs.so: its allocations are not traced; list libmtrace_rs.so first in LD_PRELOAD",
+            if who.is_empty() { b"the executable" } else { who },
+            b" ahead of libmtrace_rs.so: its allocations are not traced (list libmtrace_rs.so first in LD_PRELOAD; a program that links its own allocator cannot be traced)",
         ]);
     }
 }
