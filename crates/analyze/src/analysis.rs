@@ -242,6 +242,9 @@ pub struct Trace {
     pub cmdline: Vec<String>,
     /// INFO "cwd".
     pub cwd: Option<String>,
+    /// INFO "malloc_owner": an object that defined malloc ahead of the
+    /// tracer, so the program's allocations were not traced.
+    pub malloc_owner: Option<String>,
     /// Every MODULE record, in file order (later ones win on overlap).
     pub modules: Vec<Module>,
     /// The leak scan at exit (SCAN record), when the tracer ran one.
@@ -294,6 +297,7 @@ impl Trace {
             exe: None,
             cmdline: Vec::new(),
             cwd: None,
+            malloc_owner: None,
             modules: Vec::new(),
             code: Vec::new(),
             scan: None,
@@ -386,6 +390,9 @@ impl Trace {
             Record::Info { key, value } => match &key[..] {
                 b"exe" => self.exe = Some(String::from_utf8_lossy(&value).into_owned()),
                 b"cwd" => self.cwd = Some(String::from_utf8_lossy(&value).into_owned()),
+                b"malloc_owner" => {
+                    self.malloc_owner = Some(String::from_utf8_lossy(&value).into_owned())
+                }
                 b"cmdline" => {
                     let v = value.strip_suffix(b"\0").unwrap_or(&value);
                     self.cmdline = v

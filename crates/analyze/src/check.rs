@@ -170,6 +170,10 @@ pub enum Status {
     Killed,
     /// The image exec'd another program (which has its own trace).
     Exec,
+    /// Its malloc was not the interposed one (an allocator linked into the
+    /// program, as rustc does with jemalloc, or one preloaded first): the
+    /// tracer said so in the trace (INFO malloc_owner).
+    Untraced,
     /// The file is truncated or corrupt.
     Damaged,
 }
@@ -186,6 +190,8 @@ pub enum Verdict {
     Killed,
     /// Replaced by exec: not checked.
     Exec,
+    /// Nothing was traced: not checked, and said so.
+    Untraced,
     /// Damaged trace.
     Error,
 }
@@ -229,6 +235,8 @@ pub struct ProcessCheck {
     pub exe: String,
     pub cmdline: Vec<String>,
     pub status: Status,
+    /// The object that defined malloc ahead of the tracer, if one did.
+    pub malloc_owner: Option<String>,
     /// Why a trace is damaged, or other facts worth saying about it.
     pub notes: Vec<String>,
     /// True when the trace holds the tracer's leak scan.
@@ -274,7 +282,7 @@ impl ProcessCheck {
         match self.verdict {
             Verdict::Leaked | Verdict::Error => true,
             Verdict::Killed => opts.fail_on_killed,
-            Verdict::Pass | Verdict::Exec => false,
+            Verdict::Pass | Verdict::Exec | Verdict::Untraced => false,
         }
     }
 }
@@ -394,6 +402,7 @@ impl Checker {
                 }
                 Status::Killed => Verdict::Killed,
                 Status::Exec => Verdict::Exec,
+                Status::Untraced => Verdict::Untraced,
                 Status::Damaged => Verdict::Error,
             };
         }
@@ -431,6 +440,7 @@ impl Checker {
 /// How the trace ended, with a note for damage.
 fn status_of(trace: &Trace) -> (Status, Option<String>) {
     match trace.ending.clone().unwrap_or(TraceEnding::CutOff) {
+        TraceEnding::Clean if trace.malloc_owner.is_some() => (Status::Untraced, None),
         TraceEnding::Clean => (Status::Exited, None),
         TraceEnding::CutOff => {
             // The tracer writes an EXEC mark as the last thing before the
@@ -628,6 +638,7 @@ pub fn check_trace(
         exe: trace.exe.clone().unwrap_or_default(),
         cmdline: trace.cmdline.clone(),
         status,
+        malloc_owner: trace.malloc_owner.clone(),
         notes,
         scanned: scan.is_some(),
         exact: trace.exact(),
@@ -695,6 +706,11 @@ pub fn process_summary(p: &ProcessCheck, opts: &CheckOptions) -> String {
             ));
         }
         Status::Exec => parts.push("replaced by exec (the new image has its own trace)".into()),
+        Status::Untraced => parts.push(format!(
+            "NOT TRACED: malloc is defined by {} ahead of libmtrace_rs.so (an allocator linked \
+             into the program, or one preloaded first); not checked",
+            p.malloc_owner.as_deref().unwrap_or("another object")
+        )),
         Status::Damaged => parts.push("damaged trace".into()),
     }
     if !p.suppressed.is_zero() {
@@ -772,9 +788,11 @@ pub fn write_text(r: &CheckResult, opts: &CheckOptions, out: &mut dyn Write) -> 
             Verdict::Killed if opts.fail_on_killed => "KILLED",
             Verdict::Killed => "killed",
             Verdict::Exec => "exec  ",
+            Verdict::Untraced => "untraced",
             Verdict::Error => "ERROR ",
         };
         let interesting = !matches!(p.verdict, Verdict::Pass | Verdict::Exec)
+            || p.status == Status::Untraced
             || p.leaks.iter().any(|l| l.counted);
         if interesting {
             s.push('\n');

@@ -158,6 +158,15 @@ pub fn write_junit(r: &CheckResult, opts: &CheckOptions, out: &mut dyn Write) ->
                     escape_text(&text)
                 );
             }
+            (Verdict::Untraced, _) => {
+                let text = leak_text(p, opts, true);
+                let _ = writeln!(
+                    s,
+                    "      <skipped message=\"{}\"/>",
+                    escape("not traced: the program's malloc is not the interposed one")
+                );
+                let _ = writeln!(s, "      <system-out>{}</system-out>", escape_text(&text));
+            }
             (Verdict::Pass | Verdict::Exec, status) => {
                 let interesting = status == Status::Exec
                     || !p.leaks.is_empty()

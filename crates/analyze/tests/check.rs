@@ -286,6 +286,25 @@ fn an_image_replaced_by_exec_is_not_checked() {
     assert_eq!(r.exit_code, EXIT_CLEAN);
 }
 
+// Regression: rustc links jemalloc, so under the tracer its processes
+// recorded nothing and passed the check as clean. The tracer now writes who
+// owns malloc, and the check says the process was not traced.
+#[test]
+fn a_process_whose_malloc_is_not_ours_is_reported_as_not_traced() {
+    let mut t = T::new(100);
+    let owner = b"/usr/bin/rustc";
+    t.enc.info(&mut t.body, b"malloc_owner", owner);
+    let t = t.end(30);
+    let r = check(&[t]);
+    assert_eq!(r.processes[0].status, Status::Untraced);
+    assert_eq!(r.processes[0].verdict, Verdict::Untraced);
+    assert_eq!(
+        r.processes[0].malloc_owner.as_deref(),
+        Some("/usr/bin/rustc")
+    );
+    assert_eq!(r.exit_code, EXIT_CLEAN);
+}
+
 #[test]
 fn thresholds_per_process_and_in_total() {
     let opts = |b: Option<u64>, o: Option<u64>, total: bool| CheckOptions {

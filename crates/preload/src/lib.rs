@@ -156,6 +156,7 @@ fn warn_if_shadowed() {
         if base.starts_with(b"libc.so") {
             return;
         }
+        writer::set_malloc_owner(who);
         sys::warn(&[
             b"malloc is taken by ",
             if who.is_empty() { b"the executable" } else { who },

@@ -63,6 +63,18 @@ static WRITE_FAILED: AtomicU64 = AtomicU64::new(0);
 /// memory but is another process: it must neither write into nor finish its
 /// parent's file.
 static OWNER_PID: AtomicU32 = AtomicU32::new(0);
+/// The object that defines malloc ahead of us, when one does (see
+/// `warn_if_shadowed` in lib.rs): written into the trace so the analyzer can
+/// say the process was not really traced.
+static MALLOC_OWNER: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+/// Records who owns malloc (start-up only, not a hook path).
+pub fn set_malloc_owner(path: &[u8]) {
+    if let Ok(mut o) = MALLOC_OWNER.lock() {
+        *o = path.to_vec();
+    }
+}
+
 /// MTRACE_RS_LEAK_SCAN.
 static LEAK_SCAN: AtomicBool = AtomicBool::new(false);
 
@@ -473,6 +485,11 @@ impl Writer {
             b"tracer",
             concat!("mtrace-rs ", env!("CARGO_PKG_VERSION")).as_bytes(),
         );
+        if let Ok(owner) = MALLOC_OWNER.lock() {
+            if !owner.is_empty() {
+                self.enc.info(&mut buf, b"malloc_owner", &owner);
+            }
+        }
         if forked {
             self.enc.mark(&mut buf, 0, fmt::mark::FORKED, ppid as u64);
         }
