@@ -655,7 +655,11 @@ pub fn read_trace_with<R: Read>(reader: R, snapshots: Vec<Snapshot>) -> Result<T
     let mut dec = Decoder::new(reader)?;
     let mut trace = Trace::new(dec.header().clone());
     trace.snapshots = snapshots;
+    let mut progress = Progress::new(dec.header().committed);
     loop {
+        if dec.records() % 65536 == 0 {
+            progress.show(dec.offset());
+        }
         match dec.next() {
             Ok(Some(rec)) => trace.record(rec),
             Ok(None) => {
@@ -677,7 +681,49 @@ pub fn read_trace_with<R: Read>(reader: R, snapshots: Vec<Snapshot>) -> Result<T
             }
         }
     }
+    progress.done();
     Ok(trace)
+}
+
+/// A progress line on stderr while a big trace is read, only when stderr is
+/// a terminal (never in CI logs or pipes).
+struct Progress {
+    total: u64,
+    shown: Option<u64>,
+    on: bool,
+}
+
+impl Progress {
+    fn new(total: u64) -> Progress {
+        use std::io::IsTerminal;
+        let on = total >= 64 << 20 && std::io::stderr().is_terminal();
+        Progress {
+            total,
+            shown: None,
+            on,
+        }
+    }
+
+    fn show(&mut self, at: u64) {
+        if !self.on {
+            return;
+        }
+        let pct = at.saturating_mul(100) / self.total.max(1);
+        if self.shown != Some(pct) {
+            self.shown = Some(pct);
+            eprint!(
+                "\rreading the trace: {} of {} MiB ({pct}%)",
+                at >> 20,
+                self.total >> 20
+            );
+        }
+    }
+
+    fn done(&mut self) {
+        if self.on && self.shown.is_some() {
+            eprint!("\r{:60}\r", "");
+        }
+    }
 }
 
 /// What one recorded block stands for once sampling is undone.
