@@ -100,7 +100,7 @@ Exit codes:
   0   the command succeeded and no leaks were found
 
 The command's environment gets LD_PRELOAD (the library appended to any
-existing LD_PRELOAD), MTRACE_RS_SAMPLE_BYTES=1, MTRACE_RS_LEAK_SCAN=1 and
+existing LD_PRELOAD), MTRACE_RS_SAMPLE_BYTES=1, MTRACE_RS_LEAK_SCAN=1, MTRACE_RS_MMAP=1 and
 MTRACE_RS_OUT=DIR/trace.%p.bin.";
 
 /// What the leak check fails on and how it reports (shared by `check` and
@@ -1042,6 +1042,8 @@ fn run_cmd(args: RunArgs) -> anyhow::Result<ExitCode> {
         .env("LD_PRELOAD", preload)
         .env("MTRACE_RS_SAMPLE_BYTES", "1")
         .env("MTRACE_RS_LEAK_SCAN", "1")
+        // The program's own mappings are roots of the scan (Python's arenas).
+        .env("MTRACE_RS_MMAP", "1")
         .env("MTRACE_RS_OUT", out)
         .status();
     let status = match status {

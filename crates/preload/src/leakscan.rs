@@ -27,12 +27,17 @@ use std::collections::HashMap;
 
 use mtrace_format::{Decoder, Record};
 
-/// Live blocks at the end of the trace in `stream` (the record stream after
-/// the header), sorted by address: (start, size).
-pub fn live_blocks(file: &[u8]) -> Vec<(u64, u64)> {
+/// An address range as (start, length).
+pub type Range = (u64, u64);
+
+/// Replays the trace in `file`: the blocks live at its end, sorted by
+/// address, as (start, size); and the anonymous mappings the program made
+/// itself and still holds (recorded with MTRACE_RS_MMAP=1), as (start, len).
+pub fn replay(file: &[u8]) -> (Vec<Range>, Vec<Range>) {
     let Ok(mut d) = Decoder::new(file) else {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     };
+    let mut maps: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
     // addr -> (alloc ts, size) for live blocks; addr -> free ts for frees
     // whose allocation has not been seen (it was in a later batch).
     let mut live: HashMap<u64, (u64, u64)> = HashMap::new();
@@ -61,12 +66,37 @@ pub fn live_blocks(file: &[u8]) -> Vec<(u64, u64)> {
                     early_free.insert(addr, ts);
                 }
             },
+            Record::Mmap { addr, len, .. } => {
+                unmap(&mut maps, addr, len);
+                maps.insert(addr, addr.saturating_add(len));
+            }
+            Record::Munmap { addr, len, .. } => unmap(&mut maps, addr, len),
             _ => {}
         }
     }
     let mut v: Vec<(u64, u64)> = live.into_iter().map(|(a, (_, s))| (a, s)).collect();
     v.sort_unstable();
-    v
+    (v, maps.into_iter().map(|(s, e)| (s, e - s)).collect())
+}
+
+/// Removes [addr, addr + len) from `maps` (start -> end), splitting ranges.
+fn unmap(maps: &mut std::collections::BTreeMap<u64, u64>, addr: u64, len: u64) {
+    let end = addr.saturating_add(len);
+    let hit: Vec<(u64, u64)> = maps
+        .range(..end)
+        .rev()
+        .take_while(|(_, &e)| e > addr)
+        .map(|(&s, &e)| (s, e))
+        .collect();
+    for (s, e) in hit {
+        maps.remove(&s);
+        if s < addr {
+            maps.insert(s, addr);
+        }
+        if e > end {
+            maps.insert(end, e);
+        }
+    }
 }
 
 /// The caller's stack pointer (roughly: an address in its frame).
@@ -165,13 +195,36 @@ fn data_segments(skip: (u64, u64)) -> Vec<(u64, u64)> {
 /// of the unreachable ones, ascending. `stack_from` is the stack pointer of
 /// the tracer's entry frame: the scanner's own frames below it hold the
 /// addresses it is looking at and must not count as roots.
-pub fn unreachable(live: &[(u64, u64)], self_range: (u64, u64), stack_from: u64) -> Vec<u64> {
+pub fn unreachable(
+    live: &[(u64, u64)],
+    maps: &[(u64, u64)],
+    self_range: (u64, u64),
+    stack_from: u64,
+) -> Vec<u64> {
     if live.is_empty() {
         return Vec::new();
     }
     let mappings = readable_mappings();
     let readable = readable_ranges(&mappings);
     let mut roots = data_segments(self_range);
+    // The program's own anonymous mappings (MTRACE_RS_MMAP=1): memory it
+    // manages itself, such as Python's object arenas, holds pointers into
+    // malloc'd blocks. glibc's arenas are mapped through its internal mmap
+    // and are not among them (their free chunks would hold stale pointers).
+    // Only the readable parts are taken (a reservation may be PROT_NONE).
+    for &(s, len) in maps {
+        let e = s.saturating_add(len);
+        let i = mappings.partition_point(|&(_, b)| b <= s);
+        for &(a, b) in &mappings[i..] {
+            if a >= e {
+                break;
+            }
+            let (lo, hi) = (a.max(s), b.min(e));
+            if hi > lo {
+                roots.push((lo, hi - lo));
+            }
+        }
+    }
     let sp = stack_from;
     // The exiting thread's stack, from here up to the end of its mapping.
     let i = mappings.partition_point(|&(a, _)| a <= sp);
@@ -255,7 +308,7 @@ mod tests {
         live.sort_unstable();
         let c_addr = c as u64;
         // Forget c's address on our own stack as far as we can.
-        let lost = unreachable(&live, (0, 0), current_sp());
+        let lost = unreachable(&live, &[], (0, 0), current_sp());
         // SAFETY: reading the static keeps it alive to the scan.
         assert_ne!(unsafe { core::ptr::read_volatile(&raw const HOLDER) }, 0);
         assert!(!lost.contains(&(a as u64)));

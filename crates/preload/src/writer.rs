@@ -505,8 +505,8 @@ impl Writer {
         // SAFETY: the mapping covers the header and `pos` bytes of records,
         // and nothing writes to it while we hold BUSY.
         let file = unsafe { core::slice::from_raw_parts(self.map, HEADER_SIZE + self.pos) };
-        let live = crate::leakscan::live_blocks(file);
-        let lost = crate::leakscan::unreachable(&live, stacks::self_range(), stack_from);
+        let (live, maps) = crate::leakscan::replay(file);
+        let lost = crate::leakscan::unreachable(&live, &maps, stacks::self_range(), stack_from);
         let ts = sys::now_ns().saturating_sub(self.start_mono);
         let mut buf = Vec::with_capacity(16 + lost.len() * 3);
         self.enc.scan(&mut buf, ts, live.len() as u64, &lost);
