@@ -3,9 +3,9 @@
 //!
 //! A free must tell a sampled block from the millions of unsampled ones
 //! without a shared lookup. A sampled block is therefore placed where glibc
-//! rarely puts one: the tracer allocates its chunk page-aligned and hands
-//! the program the address 16 bytes in (`TAG`), so its low twelve bits read
-//! 0x010. (Aligned allocations that need more than 16-byte alignment get the
+//! rarely puts one: the tracer allocates a block one page larger and hands
+//! the program the first address in it whose low twelve bits read 0x010
+//! (`TAG`), keeping the block's own address in the word before it. (Aligned allocations that need more than 16-byte alignment get the
 //! page-aligned address itself, low bits 0x000.) `free` looks at the set only
 //! when `ptr & CANDIDATE_MASK == 0`, which an ordinary pointer meets about
 //! once in 128 frees.
@@ -50,11 +50,29 @@ pub fn is_candidate(p: usize) -> bool {
     p & CANDIDATE_MASK == 0
 }
 
-/// The start of the chunk behind the program's address `p` of a sampled
-/// block (what the real allocator must be given back).
+/// The first address with the tag's low bits at least `TAG` bytes into the
+/// block at `chunk` (16-aligned), leaving room for the chunk's address in the
+/// word before it.
 #[inline]
-pub fn chunk_of(p: usize) -> usize {
-    p - (p & TAG)
+pub fn tagged_in(chunk: usize) -> usize {
+    ((chunk + ALIGN - 1) & !(ALIGN - 1)) + TAG
+}
+
+/// The address the real allocator knows for the program's sampled block
+/// `p`: stored in the word before a tagged block, `p` itself for an aligned
+/// one.
+///
+/// # Safety
+/// `p` must be a live sampled block (in the set, or just removed from it).
+#[inline]
+pub unsafe fn chunk_of(p: usize) -> usize {
+    if p & TAG != 0 {
+        // SAFETY: a tagged block has its chunk's address in the word before
+        // it (api::sampled_alloc), inside the chunk, still allocated.
+        unsafe { *((p - 8) as *const usize) }
+    } else {
+        p
+    }
 }
 
 static SET: AtomicUsize = AtomicUsize::new(0);
