@@ -330,7 +330,7 @@ pub fn run_bare(cmd: &mut Command) -> Output {
     run(bare(cmd))
 }
 
-/// `mtrace-rs trace files (`trace.<pid>[.<n>].bin`) in `dir`, sorted.
+/// mtrace-rs trace files (`trace.PID[.N].bin`) in `dir`, sorted.
 pub fn trace_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
