@@ -645,42 +645,77 @@ impl Trace {
 /// all (empty, foreign, newer version, unreadable header); damage later in
 /// the stream ends the reading with [`TraceEnding::Corrupt`] and keeps what
 /// was read before it.
-pub fn read_trace<R: Read>(reader: R) -> Result<Trace, DecodeError> {
+pub fn read_trace<R: Read + Send>(reader: R) -> Result<Trace, DecodeError> {
     read_trace_with(reader, Vec::new())
 }
 
 /// Reads a whole trace like [`read_trace`], also summing what was live at
 /// each of `snapshots`' moments.
-pub fn read_trace_with<R: Read>(reader: R, snapshots: Vec<Snapshot>) -> Result<Trace, DecodeError> {
+///
+/// Decoding and aggregation run on two threads: the decoder thread sends
+/// records in order, in batches, and this thread feeds them to the
+/// [`Trace`]. (Decoding itself is sequential: every record's time and
+/// address are deltas from the previous one.)
+pub fn read_trace_with<R: Read + Send>(
+    reader: R,
+    snapshots: Vec<Snapshot>,
+) -> Result<Trace, DecodeError> {
+    const BATCH: usize = 8192;
+    enum Msg {
+        Records(Vec<Record>, u64),
+        End(Result<Ending, DecodeError>),
+    }
     let mut dec = Decoder::new(reader)?;
     let mut trace = Trace::new(dec.header().clone());
     trace.snapshots = snapshots;
     let mut progress = Progress::new(dec.header().committed);
-    loop {
-        if dec.records() % 65536 == 0 {
-            progress.show(dec.offset());
-        }
-        match dec.next() {
-            Ok(Some(rec)) => trace.record(rec),
-            Ok(None) => {
-                trace.ending = Some(match dec.ending() {
-                    Ending::Clean => TraceEnding::Clean,
-                    Ending::Truncated { expected, read } => TraceEnding::Truncated {
-                        expected: *expected,
-                        read: *read,
-                    },
-                    Ending::CutOff | Ending::Reading => TraceEnding::CutOff,
-                });
-                break;
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(8);
+        scope.spawn(move || {
+            let mut batch = Vec::with_capacity(BATCH);
+            let end = loop {
+                match dec.next() {
+                    Ok(Some(rec)) => {
+                        batch.push(rec);
+                        if batch.len() == BATCH {
+                            let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                            if tx.send(Msg::Records(full, dec.offset())).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Ok(None) => break Ok(dec.ending().clone()),
+                    Err(e) => break Err(e),
+                }
+            };
+            let _ = tx.send(Msg::Records(batch, dec.offset()));
+            let _ = tx.send(Msg::End(end));
+        });
+        for msg in rx {
+            match msg {
+                Msg::Records(records, offset) => {
+                    progress.show(offset);
+                    for rec in records {
+                        trace.record(rec);
+                    }
+                }
+                Msg::End(Ok(ending)) => {
+                    trace.ending = Some(match ending {
+                        Ending::Clean => TraceEnding::Clean,
+                        Ending::Truncated { expected, read } => {
+                            TraceEnding::Truncated { expected, read }
+                        }
+                        Ending::CutOff | Ending::Reading => TraceEnding::CutOff,
+                    });
+                }
+                Msg::End(Err(e)) => {
+                    trace.ending = Some(TraceEnding::Corrupt {
+                        detail: e.to_string(),
+                    });
+                }
             }
-            Err(e) => {
-                trace.ending = Some(TraceEnding::Corrupt {
-                    detail: e.to_string(),
-                });
-                break;
-            }
         }
-    }
+    });
     progress.done();
     Ok(trace)
 }
