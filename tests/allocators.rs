@@ -205,3 +205,89 @@ fn jemalloc_before_the_tracer_is_observed() {
 fn tcmalloc_before_the_tracer_is_observed() {
     allocator_first_is_reported(TCMALLOC, "tcmalloc");
 }
+
+/// The benchmark's churn (benches/churn.c: malloc, calloc, realloc,
+/// posix_memalign, aligned_alloc and memalign on two threads, with a
+/// checksum of the bytes it keeps) on the allocator, untraced and sampled
+/// every 64 bytes, so that nearly every block, aligned ones included, is a
+/// sampled block. Under another allocator a page-aligned pointer's previous
+/// page may be unmapped, so aligned sampled blocks are recognized through the
+/// tracer's set rather than a key in front of them; every free and realloc
+/// of them must behave as on the allocator alone, and the program frees
+/// everything, so nothing may be left outstanding.
+fn sampled_churn_with(allocator: Option<&str>, name: &str) {
+    if allocator.is_some_and(skip_without) {
+        return;
+    }
+    let scratch = Scratch::new(&format!("allocator-churn-{name}"));
+    let exe = compile("benches/churn.c", scratch.path());
+    let args = ["2", "200000"];
+    let untraced = match allocator {
+        Some(a) => {
+            let mut cmd = Command::new(&exe);
+            mtrace_rs_tests::bare(&mut cmd)
+                .args(args)
+                .env("LD_PRELOAD", a);
+            run(&mut cmd)
+        }
+        None => run_bare(Command::new(&exe).args(args)),
+    };
+    let tracer = Tracer::sampled(&scratch.dir("traces"), 64);
+    let preload = match allocator {
+        Some(a) => format!("{} {a}", artifacts().preload.display()),
+        None => artifacts().preload.display().to_string(),
+    };
+    let mut cmd = Command::new(&exe);
+    cmd.args(args);
+    tracer.apply(&mut cmd);
+    cmd.env("LD_PRELOAD", &preload);
+    let traced = run(&mut cmd);
+    let what = format!("churn on {name}, sampled every 64 bytes");
+    assert_same(&what, &untraced, &traced);
+    let report = analyze(&tracer.only_trace());
+    let summary = report.summary();
+    assert_eq!(report.ending(), "clean", "{what}:\n{summary}");
+    assert!(
+        report.trace()["allocs"].as_u64().unwrap_or(0) > 100_000,
+        "{what}: too few sampled blocks:\n{summary}"
+    );
+    // Sampling every 64 bytes asks exact mode's event rate of sampled mode,
+    // whose producers drop rather than wait when the writer falls behind (it
+    // shares two cores with the program's threads); nothing else may drop,
+    // and each dropped free can leave at most one block outstanding.
+    let dropped = report.dropped();
+    for (reason, _) in report.trace()["dropped"]["by_reason"]
+        .as_object()
+        .into_iter()
+        .flatten()
+    {
+        assert!(
+            reason.starts_with("ring full"),
+            "{what}: dropped for {reason}:\n{summary}"
+        );
+    }
+    let left: u64 = report
+        .callers_in_module("churn")
+        .iter()
+        .map(|c| c["samples"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        left <= dropped,
+        "{what}: the churn frees everything, yet {left} sampled blocks are outstanding with {dropped} events dropped:\n{summary}"
+    );
+}
+
+#[test]
+fn sampled_churn_is_unchanged_on_glibc() {
+    sampled_churn_with(None, "glibc");
+}
+
+#[test]
+fn sampled_churn_is_unchanged_on_jemalloc() {
+    sampled_churn_with(Some(JEMALLOC), "jemalloc");
+}
+
+#[test]
+fn sampled_churn_is_unchanged_on_tcmalloc() {
+    sampled_churn_with(Some(TCMALLOC), "tcmalloc");
+}

@@ -123,7 +123,8 @@ unsafe extern "C" fn malloc_slow(size: usize) -> *mut c_void {
             unsafe { real::malloc(size) }
         };
         if d != Decision::Skip && !p.is_null() {
-            tracer::record_alloc(t, p, size, d);
+            // A tagged block is always marked.
+            let _ = tracer::record_alloc(t, p, size, d);
         }
         p
     })
@@ -165,7 +166,8 @@ unsafe fn calloc_slow(n: usize, size: usize, total: usize) -> *mut c_void {
             unsafe { real::calloc(n, size) }
         };
         if d != Decision::Skip && !p.is_null() {
-            tracer::record_alloc(t, p, total, d);
+            // A tagged block is always marked.
+            let _ = tracer::record_alloc(t, p, total, d);
         }
         p
     })
@@ -267,7 +269,7 @@ unsafe fn realloc_slow(p: *mut c_void, size: usize) -> *mut c_void {
             let q = unsafe { real::realloc(p, size) };
             if !q.is_null() {
                 tracer::record_free(t, p, ts);
-                tracer::record_alloc(t, q, size, Decision::Exact);
+                let _ = tracer::record_alloc(t, q, size, Decision::Exact);
             }
             return q;
         }
@@ -282,7 +284,8 @@ unsafe fn realloc_slow(p: *mut c_void, size: usize) -> *mut c_void {
 /// chunk. The old block leaves the sampled set before its chunk is freed, so
 /// the address cannot be handed out again while it is still in the set.
 unsafe fn realloc_sampled(t: &Tls, p: *mut c_void, size: usize) -> *mut c_void {
-    let old_sampled = sampled::is_candidate(p as usize) && sampled::contains(p as u64);
+    // SAFETY: a non-null block the program holds.
+    let old_sampled = unsafe { sampled::holds(p as u64) };
     let live = tracer::running() && !t.guard.get();
     let d = if live {
         tracer::decide(t, size)
@@ -315,7 +318,8 @@ unsafe fn realloc_sampled(t: &Tls, p: *mut c_void, size: usize) -> *mut c_void {
         core::ptr::copy_nonoverlapping(p as *const u8, q as *mut u8, usable.min(size));
     }
     let chunk = if old_sampled {
-        sampled::remove(p as u64);
+        // SAFETY: as above.
+        unsafe { sampled::take(p as u64) };
         if live {
             tracer::record_free(t, p, sys::now_ns());
         }
@@ -327,7 +331,8 @@ unsafe fn realloc_sampled(t: &Tls, p: *mut c_void, size: usize) -> *mut c_void {
     // SAFETY: the old block is no longer referenced; its chunk goes back.
     unsafe { real::free(chunk as *mut c_void) };
     if d != Decision::Skip {
-        tracer::record_alloc(t, q, size, d);
+        // A tagged block is always marked.
+        let _ = tracer::record_alloc(t, q, size, d);
     }
     q
 }
@@ -349,27 +354,51 @@ pub unsafe extern "C" fn reallocarray(p: *mut c_void, n: usize, size: usize) -> 
 /// Shared slow path of the aligned allocators. `valid` says whether the
 /// alignment is one the real function accepts as-is, so that raising it to a
 /// page cannot change the result; an invalid one is forwarded untouched for
-/// the real function to reject.
+/// the real function to reject. `alloc(align, size)` calls the real function.
+///
+/// A sampled aligned block is carved out of a chunk one alignment unit (at
+/// least a page) larger: the program gets the chunk's address plus that unit,
+/// so its low twelve bits read 0x000, and the chunk's address and the
+/// sampled key sit in the two words before it, inside the chunk
+/// (sampled.rs).
 #[cold]
 #[inline(never)]
 fn aligned_slow(
     size: usize,
     align: usize,
     valid: bool,
-    mut alloc: impl FnMut(usize) -> *mut c_void,
+    mut alloc: impl FnMut(usize, usize) -> *mut c_void,
 ) -> *mut c_void {
     TLS.with(|t| {
         if !valid {
-            return alloc(align);
+            return alloc(align, size);
         }
         let d = tracer::decide(t, size);
         let p = if align_for(d) {
-            alloc(align.max(sampled::ALIGN))
+            let unit = align.max(sampled::ALIGN);
+            let Some(total) = size.checked_add(unit) else {
+                sys::set_errno(libc::ENOMEM);
+                return core::ptr::null_mut();
+            };
+            let chunk = alloc(unit, total);
+            if chunk.is_null() {
+                return chunk;
+            }
+            let p = chunk as usize + unit;
+            // SAFETY: [chunk, chunk + total) is ours and p - 8 lies in it
+            // (unit >= 4096), 8-aligned.
+            unsafe { *((p - 8) as *mut usize) = chunk as usize };
+            p as *mut c_void
         } else {
-            alloc(align)
+            alloc(align, size)
         };
-        if d != Decision::Skip && !p.is_null() {
-            tracer::record_alloc(t, p, size, d);
+        if d != Decision::Skip && !p.is_null() && !tracer::record_alloc(t, p, size, d) {
+            // Not marked as sampled: swap it for a plain block, whose free
+            // needs no marking.
+            let q = alloc(align, size);
+            // SAFETY: the sampled block's chunk, never handed out.
+            unsafe { real::free(sampled::chunk_of(p as usize) as *mut c_void) };
+            return q;
         }
         p
     })
@@ -385,10 +414,10 @@ pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, siz
     }
     let valid = align.is_power_of_two() && align.is_multiple_of(core::mem::size_of::<usize>());
     let mut rc = 0;
-    let p = aligned_slow(size, align, valid, |a| {
+    let p = aligned_slow(size, align, valid, |a, n| {
         let mut p = core::ptr::null_mut();
         // SAFETY: forwarding, into a local.
-        rc = unsafe { real::posix_memalign(&mut p, a, size) };
+        rc = unsafe { real::posix_memalign(&mut p, a, n) };
         if rc == 0 {
             p
         } else {
@@ -412,8 +441,8 @@ pub unsafe extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void
         return unsafe { real::aligned_alloc(align, size) };
     }
     // SAFETY: forwarding.
-    aligned_slow(size, align, align.is_power_of_two(), |a| unsafe {
-        real::aligned_alloc(a, size)
+    aligned_slow(size, align, align.is_power_of_two(), |a, n| unsafe {
+        real::aligned_alloc(a, n)
     })
 }
 
@@ -426,8 +455,8 @@ pub unsafe extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
         return unsafe { real::memalign(align, size) };
     }
     // SAFETY: forwarding.
-    aligned_slow(size, align, align.is_power_of_two(), |a| unsafe {
-        real::memalign(a, size)
+    aligned_slow(size, align, align.is_power_of_two(), |a, n| unsafe {
+        real::memalign(a, n)
     })
 }
 
@@ -441,8 +470,8 @@ pub unsafe extern "C" fn valloc(size: usize) -> *mut c_void {
     }
     // valloc's blocks are page-aligned already.
     // SAFETY: forwarding.
-    aligned_slow(size, sampled::ALIGN, true, |_| unsafe {
-        real::valloc(size)
+    aligned_slow(size, sampled::ALIGN, true, |_, n| unsafe {
+        real::valloc(n)
     })
 }
 
@@ -455,8 +484,8 @@ pub unsafe extern "C" fn pvalloc(size: usize) -> *mut c_void {
         return unsafe { real::pvalloc(size) };
     }
     // SAFETY: forwarding.
-    aligned_slow(size, sampled::ALIGN, true, |_| unsafe {
-        real::pvalloc(size)
+    aligned_slow(size, sampled::ALIGN, true, |_, n| unsafe {
+        real::pvalloc(n)
     })
 }
 
@@ -466,8 +495,8 @@ pub unsafe extern "C" fn pvalloc(size: usize) -> *mut c_void {
 pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
     if !p.is_null()
         && !tracer::exact()
-        && sampled::is_candidate(p as usize)
-        && sampled::contains(p as u64)
+        // SAFETY: a non-null block the program holds.
+        && unsafe { sampled::holds(p as u64) }
     {
         // SAFETY: a live sampled block.
         return unsafe { sampled_usable(p) };

@@ -5,10 +5,13 @@
 //! without a shared lookup. A sampled block is therefore placed where glibc
 //! rarely puts one: the tracer allocates a block one page larger and hands
 //! the program the first address in it whose low twelve bits read 0x010
-//! (`TAG`), keeping the block's own address in the word before it. (Aligned allocations that need more than 16-byte alignment get the
-//! page-aligned address itself, low bits 0x000.) `free` looks at the set only
-//! when `ptr & CANDIDATE_MASK == 0`, which an ordinary pointer meets about
-//! once in 128 frees.
+//! (`TAG`). Aligned allocations that need more than 16-byte alignment get
+//! the address one alignment unit (at least a page) into their chunk, low
+//! bits 0x000. Either way the two words before the program's address belong
+//! to the chunk: the word at `p - 8` holds the chunk's own address, the one
+//! at `p - 16` a key (below). `free` looks further only when
+//! `ptr & CANDIDATE_MASK == 0`, which an ordinary pointer meets about once in
+//! 128 frees.
 //!
 //! Why not hand out the page-aligned address, as jemalloc does with its own
 //! arenas: once a sampled block goes back to glibc its page-aligned chunk is
@@ -18,14 +21,31 @@
 //! recycled chunk hands out its page-aligned start, which the 0x010 tag does
 //! not match.
 //!
-//! The set is a lock-free open-addressing hash set of the addresses the
-//! program holds, in one anonymous mapping: insert claims an empty or
-//! tombstone slot by CAS, remove swaps the address for a tombstone. An address
-//! is unique while its block is live, and it is inserted before the block is
-//! handed to the program and removed before the block is given back to the
-//! allocator, so no two live entries ever hold the same address.
+//! Which candidates are sampled blocks: the key word holds `KEY ^ p`, where
+//! `KEY` is a random number drawn at start-up with its top bit set (so the
+//! key is never zero, and never equals a user-space address). For a tagged
+//! candidate that is not ours the word is the first of the same page; for a
+//! page-aligned one from glibc it is glibc's chunk header; both are mapped,
+//! so reading it is safe, and a chance match with program data has
+//! probability 2^-63. The key is cleared before the chunk goes back to the
+//! allocator, so recycled memory never carries one. This costs a free
+//! nothing beyond the cache line glibc's own free touches: the first design
+//! kept every sampled block in a hash set, and its lookups (a cache miss
+//! each) and first writes (a copy-on-write fault of the zero page, with a
+//! TLB shootdown) were a quarter of the sampled-mode cost on the churn
+//! benchmark.
+//!
+//! Under another allocator (jemalloc, tcmalloc) a foreign page-aligned
+//! pointer may start a mapping, with nothing mapped before it, so aligned
+//! sampled blocks are looked up instead in a lock-free open-addressing hash
+//! set of the addresses the program holds, in one anonymous mapping: insert
+//! claims an empty or tombstone slot by CAS, remove swaps the address for a
+//! tombstone. An address is unique while its block is live, and it is
+//! inserted before the block is handed to the program and removed before the
+//! block is given back to the allocator, so no two live entries ever hold
+//! the same address.
 
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
 
 use crate::sys;
 
@@ -44,6 +64,12 @@ pub const TAG: usize = 16;
 /// bits 0x000 (aligned sampled blocks) or 0x010 (the others).
 pub const CANDIDATE_MASK: usize = (ALIGN - 1) & !TAG;
 
+/// Whether `p`, a candidate, is told by its key word rather than the set.
+#[inline]
+fn keyed(p: u64) -> bool {
+    p & TAG as u64 != 0 || ALIGNED_KEYED.load(Relaxed)
+}
+
 /// True when `p` may be a sampled block (its low bits say so).
 #[inline]
 pub fn is_candidate(p: usize) -> bool {
@@ -59,28 +85,46 @@ pub fn tagged_in(chunk: usize) -> usize {
 }
 
 /// The address the real allocator knows for the program's sampled block
-/// `p`: stored in the word before a tagged block, `p` itself for an aligned
-/// one.
+/// `p`: stored in the word before it.
 ///
 /// # Safety
-/// `p` must be a live sampled block (in the set, or just removed from it).
+/// `p` must be a live sampled block (or one just taken out).
 #[inline]
 pub unsafe fn chunk_of(p: usize) -> usize {
-    if p & TAG != 0 {
-        // SAFETY: a tagged block has its chunk's address in the word before
-        // it (api::sampled_alloc), inside the chunk, still allocated.
-        unsafe { *((p - 8) as *const usize) }
-    } else {
-        p
-    }
+    // SAFETY: a sampled block has its chunk's address in the word before it
+    // (api::sampled_alloc, api::aligned_slow), inside the chunk, still
+    // allocated.
+    unsafe { *((p - 8) as *const usize) }
 }
 
 static SET: AtomicUsize = AtomicUsize::new(0);
+static KEY: AtomicU64 = AtomicU64::new(0);
+/// Whether page-aligned candidates are told by their key too (the next
+/// allocator is glibc, whose every block has a header before it).
+static ALIGNED_KEYED: AtomicBool = AtomicBool::new(false);
+
+/// A random key with its top bit set: from the kernel when it answers, from
+/// the clock and addresses otherwise (it only has to be unguessable by
+/// accident).
+fn draw_key() -> u64 {
+    let mut k = 0u64;
+    // SAFETY: getrandom writes at most 8 bytes into `k`.
+    let n = unsafe { libc::getrandom((&raw mut k).cast(), 8, libc::GRND_NONBLOCK) };
+    if n != 8 {
+        let mut z = sys::now_ns() ^ (&raw const k as u64).rotate_left(32);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        k = z ^ (z >> 31);
+    }
+    k | 1 << 63
+}
 
 pub fn init() -> bool {
     // Called from the constructor (and by unit tests, concurrently).
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
+        KEY.store(draw_key(), Relaxed);
+        ALIGNED_KEYED.store(crate::real::next_is_glibc(), Relaxed);
         let p = sys::map_anon(SLOTS * 8);
         if !p.is_null() {
             SET.store(p as usize, Release);
@@ -106,7 +150,7 @@ fn start(addr: u64) -> usize {
 }
 
 /// Adds a live sampled block. False when the set is full.
-pub fn insert(addr: u64) -> bool {
+fn insert(addr: u64) -> bool {
     let s = start(addr);
     for k in 0..MAX_PROBES {
         let Some(sl) = slot(s + k) else { return false };
@@ -118,7 +162,7 @@ pub fn insert(addr: u64) -> bool {
     false
 }
 
-/// The slot holding `addr`, if `addr` is a live sampled block.
+/// The slot holding `addr`, if `addr` is a live aligned sampled block.
 fn find(addr: u64) -> Option<&'static AtomicU64> {
     let s = start(addr);
     for k in 0..MAX_PROBES {
@@ -134,14 +178,71 @@ fn find(addr: u64) -> Option<&'static AtomicU64> {
     None
 }
 
-/// Removes `addr` if it is a live sampled block; true if it was.
-pub fn remove(addr: u64) -> bool {
-    find(addr).is_some_and(|sl| sl.compare_exchange(addr, TOMB, AcqRel, Relaxed).is_ok())
+/// The key word of a keyed candidate.
+///
+/// # Safety
+/// `p` is a candidate for which `keyed(p)` holds and a pointer the program
+/// hands to free, realloc or malloc_usable_size, or a sampled block: `p - 16`
+/// is then the start of the same page, glibc's chunk header, or inside the
+/// tracer's own chunk.
+#[inline]
+unsafe fn key_word(p: u64) -> &'static AtomicU64 {
+    // SAFETY: as the function's contract; the address is 16-aligned.
+    unsafe { &*((p - TAG as u64) as *const AtomicU64) }
 }
 
-/// True if `addr` is a live sampled block.
-pub fn contains(addr: u64) -> bool {
-    find(addr).is_some()
+/// Marks the block the program is about to get at `p` (from
+/// `sampled_alloc` or a page-aligned allocation) as sampled. False when it
+/// cannot be marked (the aligned set, under another allocator, is full).
+///
+/// # Safety
+/// `p` is a block just allocated for sampling, with `[p - 16, p)` inside its
+/// chunk.
+pub unsafe fn mark(p: u64) -> bool {
+    if keyed(p) {
+        // SAFETY: as the contract.
+        unsafe { key_word(p) }.store(KEY.load(Relaxed) ^ p, Release);
+        true
+    } else {
+        insert(p)
+    }
+}
+
+/// True if `p`, which the program holds, is a live sampled block.
+///
+/// # Safety
+/// `p` is a pointer the program passes to free, realloc or
+/// malloc_usable_size: non-null, into mapped memory.
+pub unsafe fn holds(p: u64) -> bool {
+    if !is_candidate(p as usize) {
+        return false;
+    }
+    if keyed(p) {
+        // SAFETY: as the contract.
+        let w = unsafe { key_word(p) }.load(Acquire);
+        w == KEY.load(Relaxed) ^ p && SET.load(Relaxed) != 0
+    } else {
+        find(p).is_some()
+    }
+}
+
+/// Takes `p` out of the sampled blocks if it is one; true if it was. The
+/// caller then gives `chunk_of(p)` back to the allocator.
+///
+/// # Safety
+/// As [`holds`].
+pub unsafe fn take(p: u64) -> bool {
+    if !is_candidate(p as usize) {
+        return false;
+    }
+    if keyed(p) {
+        // SAFETY: as the contract.
+        let w = unsafe { key_word(p) };
+        let key = KEY.load(Relaxed) ^ p;
+        SET.load(Relaxed) != 0 && w.compare_exchange(key, 0, AcqRel, Relaxed).is_ok()
+    } else {
+        find(p).is_some_and(|sl| sl.compare_exchange(p, TOMB, AcqRel, Relaxed).is_ok())
+    }
 }
 
 #[cfg(test)]
@@ -149,19 +250,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn insert_find_remove() {
+    fn the_aligned_set_inserts_finds_and_reuses_tombstones() {
         assert!(init());
         let a = 0x7f00_0000_1000u64;
-        assert!(!contains(a));
+        assert!(find(a).is_none());
         assert!(insert(a));
-        assert!(contains(a));
+        assert!(find(a).is_some());
         assert!(insert(a + 4096));
-        assert!(remove(a));
-        assert!(!contains(a));
-        assert!(!remove(a));
-        assert!(contains(a + 4096));
+        let sl = find(a).unwrap();
+        assert!(sl.compare_exchange(a, TOMB, AcqRel, Relaxed).is_ok());
+        assert!(find(a).is_none());
+        assert!(find(a + 4096).is_some());
         // The tombstone is reused.
         assert!(insert(a));
-        assert!(contains(a));
+        assert!(find(a).is_some());
+    }
+
+    #[test]
+    fn tagged_blocks_carry_a_key() {
+        assert!(init());
+        let page = vec![0u64; 3 * 4096 / 8];
+        let base = (page.as_ptr() as usize + 4095) & !4095;
+        let p = (base + TAG) as u64;
+        // SAFETY: [base, base + 8192) lies inside `page`.
+        unsafe {
+            assert!(!holds(p));
+            assert!(mark(p));
+            assert!(holds(p));
+            assert_ne!(*(base as *const u64), 0);
+            assert!(take(p));
+            assert_eq!(*(base as *const u64), 0, "the key is cleared");
+            assert!(!holds(p));
+            assert!(!take(p));
+            // Not a candidate: never looked at.
+            assert!(!holds(p + 16));
+            // A page-aligned block under glibc (this test's allocator) is
+            // keyed too.
+            let q = (base + 4096) as u64;
+            assert!(ALIGNED_KEYED.load(Relaxed));
+            assert!(!holds(q));
+            assert!(mark(q));
+            assert!(holds(q));
+            assert!(take(q));
+            assert!(!holds(q));
+        }
+        drop(page);
     }
 }

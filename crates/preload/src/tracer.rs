@@ -317,17 +317,21 @@ pub fn decide(t: &Tls, size: usize) -> Decision {
     Decision::Sample
 }
 
-/// Records an allocation the caller just made. `ptr` is non-null.
-pub fn record_alloc(t: &Tls, ptr: *mut libc::c_void, size: usize, d: Decision) {
+/// Records an allocation the caller just made. `ptr` is non-null. False
+/// only when a sampled block could not be marked as one (an aligned block
+/// under another allocator, with the aligned set full): the caller must then
+/// not hand it out.
+pub fn record_alloc(t: &Tls, ptr: *mut libc::c_void, size: usize, d: Decision) -> bool {
     let errno = sys::errno();
     t.guard.set(true);
     if d == Decision::Sample || (d == Decision::Exact && !EXACT.load(Relaxed)) {
-        // Sampled mode: remember the block so that its free is recognized.
-        if !sampled::insert(ptr as u64) {
+        // Sampled mode: mark the block so that its free is recognized.
+        // SAFETY: the block was just allocated for sampling (api.rs).
+        if !unsafe { sampled::mark(ptr as u64) } {
             count_drop(DropReason::SampleTableFull);
             t.guard.set(false);
             sys::set_errno(errno);
-            return;
+            return false;
         }
     }
     let stack = capture_stack();
@@ -348,6 +352,7 @@ pub fn record_alloc(t: &Tls, ptr: *mut libc::c_void, size: usize, d: Decision) {
     );
     t.guard.set(false);
     sys::set_errno(errno);
+    true
 }
 
 /// What a free of `ptr` means for the tracer.
@@ -375,7 +380,8 @@ pub fn free_kind(t: &Tls, ptr: *mut libc::c_void) -> FreeKind {
             FreeKind::Plain
         };
     }
-    if sampled::is_candidate(ptr as usize) && sampled::remove(ptr as u64) {
+    // SAFETY: a non-null pointer the program hands back to the allocator.
+    if unsafe { sampled::take(ptr as u64) } {
         // However the tracer stands, the block must go back at its chunk
         // address; whether its free can be recorded is another matter.
         let record = STATE.load(Acquire) == RUNNING && !t.guard.get();
