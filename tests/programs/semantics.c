@@ -222,6 +222,14 @@ int main(void) {
         memset(c, 0xee, 8192);
         p_free(c);
     }
+    /* Blocks past 64 KiB (which a sampled calloc leaves to the real
+     * calloc), reusing dirty memory. */
+    for (int i = 0; i < 16; i++) {
+        unsigned char *c = p_calloc(100000 + i * 4096, 1);
+        for (int k = 0; k < 100000 + i * 4096; k++) zero &= c[k] == 0;
+        memset(c, 0xdd, 100000 + i * 4096);
+        p_free(c);
+    }
     unsigned char *big = p_calloc(1000, 1000);
     for (int k = 0; k < 1000000; k++) zero &= big[k] == 0;
     p_free(big);

@@ -44,18 +44,55 @@ fn align_for(d: Decision) -> bool {
 /// cost the sampled churn benchmark several percent. Null when the real
 /// allocator fails.
 unsafe fn sampled_alloc(size: usize) -> *mut c_void {
+    // SAFETY: as the function's contract.
+    unsafe { sampled_chunk(size, false) }
+}
+
+/// Blocks at least this large are zeroed for calloc by the real calloc,
+/// which knows when its memory is fresh from the kernel and skips the
+/// clearing (a sampled 1 MiB calloc cleared by hand faulted in all of its
+/// pages); smaller ones are cleared by hand, since the real calloc would
+/// clear the page of padding too.
+const CALLOC_BY_REAL: usize = 64 << 10;
+
+/// `sampled_alloc` for calloc: the program's `size` bytes are zero.
+unsafe fn sampled_zeroed(size: usize) -> *mut c_void {
+    if size >= CALLOC_BY_REAL {
+        // SAFETY: as sampled_alloc.
+        return unsafe { sampled_chunk(size, true) };
+    }
+    // SAFETY: as sampled_alloc; on success the block has `size` writable
+    // bytes.
+    unsafe {
+        let p = sampled_alloc(size);
+        if !p.is_null() {
+            core::ptr::write_bytes(p as *mut u8, 0, size);
+        }
+        p
+    }
+}
+
+/// The tagged block behind `sampled_alloc`, zeroed by the real calloc when
+/// `zeroed`.
+unsafe fn sampled_chunk(size: usize, zeroed: bool) -> *mut c_void {
     let Some(total) = size.checked_add(sampled::ALIGN + sampled::TAG) else {
         sys::set_errno(libc::ENOMEM);
         return core::ptr::null_mut();
     };
     // SAFETY: allocating.
-    let chunk = unsafe { real::malloc(total) };
+    let chunk = unsafe {
+        if zeroed {
+            real::calloc(1, total)
+        } else {
+            real::malloc(total)
+        }
+    };
     if chunk.is_null() {
         return chunk;
     }
     let p = sampled::tagged_in(chunk as usize);
     // SAFETY: p - chunk is between TAG and ALIGN + TAG - 1 bytes (the chunk is
-    // 16-aligned), so [p - 8, p + size) lies inside the chunk's `total`
+    // 16-aligned), so [p - 16, p + size) lies inside the chunk's `total`
     // bytes, and p - 8 is 8-aligned.
     unsafe { *((p - 8) as *mut usize) = chunk as usize };
     p as *mut c_void
@@ -152,15 +189,8 @@ unsafe fn calloc_slow(n: usize, size: usize, total: usize) -> *mut c_void {
     TLS.with(|t| {
         let d = tracer::decide(t, total);
         let p = if align_for(d) {
-            // SAFETY: page alignment is valid; on success the block has
-            // `total` writable bytes, which calloc must zero.
-            unsafe {
-                let p = sampled_alloc(total);
-                if !p.is_null() {
-                    core::ptr::write_bytes(p as *mut u8, 0, total);
-                }
-                p
-            }
+            // SAFETY: allocating.
+            unsafe { sampled_zeroed(total) }
         } else {
             // SAFETY: forwarding.
             unsafe { real::calloc(n, size) }
