@@ -459,28 +459,28 @@ pub fn record_free(t: &Tls, ptr: *mut libc::c_void, ts: u64) {
 
 fn capture_stack() -> u32 {
     let depth = DEPTH.load(Relaxed).min(MAX_DEPTH);
-    // The buffer is zeroed on every capture: size it to the depth asked for
-    // (zeroing 2 KiB for the 64 frames of the default cost more than the
-    // rest of the event).
-    if depth <= 64 {
-        capture_into::<64>(depth)
-    } else {
-        capture_into::<MAX_DEPTH>(depth)
+    if FP_UNWIND.load(Relaxed) {
+        // The buffer is zeroed on every capture: size it to the depth asked
+        // for (zeroing 2 KiB for 64 frames cost more than the rest of the
+        // event).
+        return if depth <= 64 {
+            capture_fp_into::<64>(depth)
+        } else {
+            capture_fp_into::<MAX_DEPTH>(depth)
+        };
     }
+    crate::unwind::capture_interned(depth, intern)
 }
 
 #[inline(always)]
-fn capture_into<const N: usize>(depth: usize) -> u32 {
+fn capture_fp_into<const N: usize>(depth: usize) -> u32 {
     let mut frames = [0u64; N];
     let depth = depth.min(N);
-    if FP_UNWIND.load(Relaxed) {
-        let n = match crate::unwind::thread_stack() {
-            Some((lo, hi)) => stacks::capture_fp(&mut frames[..depth], lo, hi),
-            None => 0,
-        };
-        return intern(&frames[..n]);
-    }
-    crate::unwind::capture_interned(&mut frames[..depth], intern)
+    let n = match crate::unwind::thread_stack() {
+        Some((lo, hi)) => stacks::capture_fp(&mut frames[..depth], lo, hi),
+        None => 0,
+    };
+    intern(&frames[..n])
 }
 
 fn intern(frames: &[u64]) -> u32 {

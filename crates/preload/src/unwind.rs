@@ -51,6 +51,7 @@ use gimli::{
     RegisterRule, UnwindContext, UnwindContextStorage, UnwindSection, UnwindTableRow, X86_64,
 };
 
+use crate::config::MAX_DEPTH;
 use crate::{stacks, sys, tracer};
 
 type Slice = EndianSlice<'static, LittleEndian>;
@@ -618,11 +619,12 @@ pub fn capture(out: &mut [u64]) -> usize {
     stacks::capture_dwarf(out)
 }
 
-/// Captures the calling program's stack and returns its interned id
-/// (`intern` turns frames into an id), using the memo of whole walks when the
-/// stack is one seen before. `out` is scratch space of the depth wanted.
+/// Captures the calling program's stack, at most `depth` frames, and
+/// returns its interned id (`intern` turns frames into an id), using the memo
+/// of whole walks when the stack is one seen before. A memo hit touches no
+/// frame buffer at all: the buffer is made (and zeroed) only for a walk.
 #[inline(never)]
-pub fn capture_interned(out: &mut [u64], intern: impl FnOnce(&[u64]) -> u32) -> u32 {
+pub fn capture_interned(depth: usize, intern: impl FnOnce(&[u64]) -> u32) -> u32 {
     let (ip, sp, bp): (u64, u64, u64);
     // SAFETY: reads three registers, as in `capture`.
     unsafe {
@@ -637,22 +639,49 @@ pub fn capture_interned(out: &mut [u64], intern: impl FnOnce(&[u64]) -> u32) -> 
         );
     }
     let _ = ip;
+    let depth = depth.clamp(1, MAX_DEPTH);
     if !LIBGCC_ONLY.load(Acquire) {
         if let (Some(c), Some(t)) = (thread_cache(), table()) {
             let set = memo_set(sp, bp);
-            if let Some(id) = memo_lookup(c, t, set, sp, bp, out.len()) {
+            if let Some(id) = memo_lookup(c, t, set, sp, bp, depth) {
                 return id;
             }
-            if let Some(n) = walk(c, t, ip, sp, bp, out) {
-                let id = intern(&out[..n]);
-                memo_store(c, t, set, sp, bp, out.len(), id);
-                return id;
-            }
-            FALLBACKS.fetch_add(1, Relaxed);
+            return walk_and_intern(c, t, ip, sp, bp, depth, set, intern);
         }
     }
-    let n = stacks::capture_dwarf(out);
-    intern(&out[..n])
+    capture_dwarf_and_intern(depth, intern)
+}
+
+/// A memo miss: walks (or falls back to libgcc), interns, and remembers the
+/// walk.
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+fn walk_and_intern(
+    c: &mut ThreadCache,
+    t: &'static Table,
+    ip: u64,
+    sp: u64,
+    bp: u64,
+    depth: usize,
+    set: usize,
+    intern: impl FnOnce(&[u64]) -> u32,
+) -> u32 {
+    let mut frames = [0u64; MAX_DEPTH];
+    let out = &mut frames[..depth];
+    if let Some(n) = walk(c, t, ip, sp, bp, out) {
+        let id = intern(&out[..n]);
+        memo_store(c, t, set, sp, bp, depth, id);
+        return id;
+    }
+    FALLBACKS.fetch_add(1, Relaxed);
+    capture_dwarf_and_intern(depth, intern)
+}
+
+#[inline(never)]
+fn capture_dwarf_and_intern(depth: usize, intern: impl FnOnce(&[u64]) -> u32) -> u32 {
+    let mut frames = [0u64; MAX_DEPTH];
+    let n = stacks::capture_dwarf(&mut frames[..depth]);
+    intern(&frames[..n])
 }
 
 #[inline(always)]
@@ -760,6 +789,13 @@ fn walk(
     let mut lookup = ip;
     let mut skipping = true;
     let mut crossed_jit = false;
+    // The stack word the current rbp was restored from, not yet among the
+    // reads the memo checks; (0, 0) when it is the starting register (part
+    // of the memo's key) or already recorded. It is recorded only when a
+    // frame uses rbp: a program built without frame pointers leaves
+    // arbitrary values in rbp, which the hooks' first frame saves, and a
+    // walk that checked them would never be found in the memo again.
+    let mut bp_src = (0u64, 0u64);
     loop {
         let e = c.entries[slot_of(lookup)];
         let r = if e.pc == lookup {
@@ -768,6 +804,13 @@ fn walk(
             miss(c, t, lookup, lookup != ip)
         };
         let k = r.kind();
+        if (k == K_RBP || k == K_JIT) && bp_src.0 != 0 {
+            if c.nreads < MEMO_READS {
+                c.reads[c.nreads] = bp_src;
+            }
+            c.nreads += 1;
+            bp_src = (0, 0);
+        }
         let (cfa, bp_at) = if k.wrapping_sub(K_RSP) <= K_RBP - K_RSP {
             let base = if k == K_RBP { bp } else { sp };
             let cfa = base.wrapping_add(r.cfa_off() as u64);
@@ -803,20 +846,18 @@ fn walk(
                 core::ptr::read_volatile(bp_at as *const u64),
             )
         };
-        if c.nreads + 2 <= MEMO_READS {
+        if c.nreads < MEMO_READS {
             c.reads[c.nreads] = (ra_at, ra);
-            c.reads[c.nreads + 1] = (bp_at, saved_bp);
         }
-        c.nreads += 2;
+        c.nreads += 1;
         if ra == 0 {
             break;
         }
         sp = cfa;
-        bp = if r.bp_saved() || k == K_JIT {
-            saved_bp
-        } else {
-            bp
-        };
+        if r.bp_saved() || k == K_JIT {
+            bp = saved_bp;
+            bp_src = (bp_at, saved_bp);
+        }
         lookup = ra;
         if skipping {
             if ra >= self_lo && ra < self_hi {
