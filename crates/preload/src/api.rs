@@ -29,8 +29,9 @@ fn countdown_ok(size: usize) -> bool {
     })
 }
 
-/// In sampled mode a recorded block must be page-aligned so that its free is
-/// recognized from the address alone; exact mode records every free anyway.
+/// In sampled mode a recorded block must be laid out as a sampled one (tagged
+/// address, key in front, sampled.rs) so that its free is recognized; exact
+/// mode records every free anyway.
 #[inline]
 fn align_for(d: Decision) -> bool {
     d != Decision::Skip && !tracer::exact()
@@ -311,8 +312,8 @@ unsafe fn realloc_slow(p: *mut c_void, size: usize) -> *mut c_void {
 /// Sampled-mode realloc. A sampled block lives inside a chunk the real
 /// allocator knows by another address, so it never goes to the real realloc:
 /// it is moved by hand. A block that becomes sampled is moved into a sampled
-/// chunk. The old block leaves the sampled set before its chunk is freed, so
-/// the address cannot be handed out again while it is still in the set.
+/// chunk. The old block stops being a sampled one (its key cleared) before
+/// its chunk is freed, so recycled memory never carries a key.
 unsafe fn realloc_sampled(t: &Tls, p: *mut c_void, size: usize) -> *mut c_void {
     // SAFETY: a non-null block the program holds.
     let old_sampled = unsafe { sampled::holds(p as u64) };

@@ -3,7 +3,7 @@
 //!
 //! Hot path (in `api.rs`): subtract the size from the thread's byte
 //! countdown and branch. Everything here is the slow path, entered when the
-//! countdown runs out, for a page-aligned free in sampled mode, or always in
+//! countdown runs out, for a free of a tagged address in sampled mode, or always in
 //! exact mode.
 //!
 //! Sampling follows jemalloc (`src/prof.c`, `prof_sample_new_event_wait`):
@@ -362,13 +362,13 @@ pub enum FreeKind {
     Plain,
     /// Record it (exact mode): `ptr` is the allocator's own address.
     Recorded,
-    /// A sampled block, now out of the sampled set: give the real allocator
+    /// A sampled block, now no longer marked as one: give the real allocator
     /// `sampled::chunk_of(ptr)`, and record the free if `record`.
     Sampled { record: bool },
 }
 
-/// Classifies a free of `ptr`; in sampled mode a sampled block is removed
-/// from the sampled set. Call before the real free.
+/// Classifies a free of `ptr`; in sampled mode a sampled block is unmarked
+/// (its key cleared). Call before the real free.
 pub fn free_kind(t: &Tls, ptr: *mut libc::c_void) -> FreeKind {
     if ptr.is_null() {
         return FreeKind::Plain;
