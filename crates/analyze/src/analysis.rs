@@ -35,6 +35,18 @@
 //! delay late, the live total read at a STATS record can lag by the events
 //! of those few tens of milliseconds.
 //!
+//! # Speed
+//!
+//! A big exact-mode trace is tens of millions of events, and the per-address
+//! state (live blocks, and tombstones for every address freed in the
+//! window) outgrows the caches, so the time goes to memory accesses. The
+//! state is split by address into two shards, one per thread while reading
+//! ([`read_trace_with`]); each keeps its live blocks and its tombstones in
+//! two open-addressing maps ([`AddrMap`]) that a batch of events prefetches
+//! a few events ahead. An allocation later than every tombstone (nearly all
+//! of them: events come almost in time order) does not look at the
+//! tombstones at all.
+//!
 //! A [`Snapshot`] asks for the blocks live at an earlier moment `T`: a block
 //! was live at `T` when it was allocated at or before `T` and freed after
 //! it. Such blocks are summed per stack when they die (so the snapshot costs
@@ -45,8 +57,11 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 
-use mtrace_format::{DecodeError, Decoder, DropReason, Ending, Header, Module, Record};
+use mtrace_format::{
+    Batch, DecodeError, Decoder, DropReason, Ending, Event, EventKind, Header, Module, Record,
+};
 
+use crate::addrmap::AddrMap;
 use crate::fxhash::FxHashMap;
 use crate::memory::{MemoryStats, TimelinePoint};
 
@@ -58,17 +73,12 @@ pub const REORDER_WINDOW_NS: u64 = 2_000_000_000;
 /// How often (in trace time) tombstones older than the window are swept.
 const SWEEP_INTERVAL_NS: u64 = 1_000_000_000;
 
-/// What one address was doing at its latest known event.
-#[derive(Clone, Copy, Debug)]
-enum Slot {
-    /// A block allocated at `ts` and not freed (yet).
-    Live(LiveBlock),
-    /// The address was last freed at `ts`.
-    Dead { ts: u64 },
-}
+/// How many events ahead [`Trace::events`] asks for the cache lines of an
+/// address's entries.
+const PREFETCH_AHEAD: usize = 8;
 
 /// A block live at the end of the trace (or at the current point of reading).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LiveBlock {
     /// When it was allocated, ns since the trace started.
     pub ts: u64,
@@ -274,6 +284,7 @@ pub struct Trace {
     /// How reading ended; `None` while reading.
     pub ending: Option<TraceEnding>,
     /// Per stack id: (bytes, objects) ever allocated, sampling undone.
+    /// Filled in when the reading ends ([`Trace::finish`]).
     pub allocated: FxHashMap<u64, (f64, f64)>,
     /// RSS and allocator statistics over time, with the live bytes beside.
     pub memory: MemoryStats,
@@ -283,10 +294,15 @@ pub struct Trace {
     live_exact: u64,
     /// Live bytes of Poisson samples, sampling undone.
     live_sampled: f64,
-    slots: FxHashMap<u64, Slot>,
+    /// The per-address state, split by address ([`helper_owns`]): shard 1
+    /// holds the addresses the decoding thread handles while reading.
+    shards: [Shard; 2],
+    /// Shard 1's share of the addresses, in 256ths.
+    split: u8,
+    /// What each stack allocated, summed as the records come.
+    per_stack: PerStack,
     unmatched_frees: u64,
     late_allocs: u64,
-    last_sweep_ts: u64,
 }
 
 impl Trace {
@@ -316,10 +332,11 @@ impl Trace {
             snapshots: Vec::new(),
             live_exact: 0,
             live_sampled: 0.0,
-            slots: FxHashMap::default(),
+            shards: [Shard::default(), Shard::default()],
+            split: 0,
+            per_stack: PerStack::default(),
             unmatched_frees: 0,
             late_allocs: 0,
-            last_sweep_ts: 0,
         }
     }
 
@@ -341,19 +358,138 @@ impl Trace {
 
     /// The blocks live now, in no particular order.
     pub fn live_blocks(&self) -> impl Iterator<Item = &LiveBlock> + '_ {
-        self.slots.values().filter_map(|s| match s {
-            Slot::Live(b) => Some(b),
-            Slot::Dead { .. } => None,
-        })
+        self.shards.iter().flat_map(|s| s.live.values())
     }
 
     /// The blocks live now with their addresses, in no particular order
     /// (the leak check matches them against the SCAN record).
     pub fn live_blocks_at(&self) -> impl Iterator<Item = (u64, &LiveBlock)> + '_ {
-        self.slots.iter().filter_map(|(&addr, s)| match s {
-            Slot::Live(b) => Some((addr, b)),
-            Slot::Dead { .. } => None,
-        })
+        self.shards.iter().flat_map(|s| s.live.iter())
+    }
+
+    /// Fills in what is summed while reading ([`Trace::allocated`]); the
+    /// readers ([`read_trace_with`]) call it when the reading ends, and it
+    /// may be called again after more records.
+    pub fn finish(&mut self) {
+        let exact = self.exact();
+        self.allocated = self
+            .per_stack
+            .iter()
+            .map(|(id, a)| {
+                let sums = if exact {
+                    (a.bytes as f64, a.objects as f64)
+                } else {
+                    (a.est_bytes, a.est_objects)
+                };
+                (id, sums)
+            })
+            .collect();
+    }
+
+    /// Feeds events (ALLOC, SAMPLE and FREE records) in stream order.
+    pub fn events(&mut self, events: &[Event]) {
+        for (k, e) in events.iter().enumerate() {
+            if let Some(next) = events.get(k + PREFETCH_AHEAD) {
+                self.shards[self.shard_of(next.addr)].prefetch(next);
+            }
+            for s in &mut self.shards {
+                s.see_ts(e.ts);
+            }
+            let o = self.shards[self.shard_of(e.addr)].event(e);
+            self.apply(e, o);
+        }
+    }
+
+    /// Feeds a batch: its events with its other records in between.
+    pub fn batch(&mut self, batch: &mut Batch) {
+        let mut done = 0;
+        for (at, rec) in batch.records.drain(..) {
+            let at = at.clamp(done, batch.events.len());
+            self.events(&batch.events[done..at]);
+            done = at;
+            self.record(rec);
+        }
+        self.events(&batch.events[done..]);
+        batch.events.clear();
+    }
+
+    /// The shard that holds `addr`.
+    #[inline(always)]
+    fn shard_of(&self, addr: u64) -> usize {
+        usize::from(helper_owns(addr, self.split))
+    }
+
+    /// Feeds a batch whose events the shards have already seen, with what
+    /// happened to each (`plan.outcomes`): the running totals, the counters
+    /// and the other records, in stream order.
+    fn merge(&mut self, batch: &mut Batch, plan: &Plan) {
+        let mut next = [0usize; 2];
+        let mut done = 0;
+        let n = batch.events.len();
+        let events = std::mem::take(&mut batch.events);
+        let mut apply = |trace: &mut Trace, events: &[Event]| {
+            for e in events {
+                let h = trace.shard_of(e.addr);
+                let o = plan.outcomes[h].get(next[h]).copied().unwrap_or_default();
+                next[h] += 1;
+                trace.apply(e, o);
+            }
+        };
+        for (at, rec) in batch.records.drain(..) {
+            let at = at.clamp(done, n);
+            apply(self, &events[done..at]);
+            done = at;
+            self.record_global(rec);
+        }
+        apply(self, &events[done..]);
+        batch.events = events;
+        batch.events.clear();
+    }
+
+    /// What an event did, once its shard said how it went.
+    #[inline(always)]
+    fn apply(&mut self, e: &Event, o: Outcome) {
+        self.global_ts(e.ts);
+        let block = LiveBlock {
+            ts: e.ts,
+            size: e.size,
+            stack: e.stack,
+            sampled: e.kind == EventKind::Sample,
+        };
+        if e.kind == EventKind::Free {
+            self.frees += 1;
+        } else {
+            self.allocs += 1;
+            let rate = self.header.sample_rate;
+            let a = self.per_stack.get(e.stack);
+            if rate <= 1 {
+                // Every block weighs its size: exact integer sums.
+                a.bytes += u128::from(e.size);
+                a.objects += 1;
+            } else {
+                let w = weight(e.size, block.sampled, rate);
+                a.est_bytes += w.bytes;
+                a.est_objects += w.objects;
+            }
+        }
+        match o {
+            Outcome::Born => self.born(&block),
+            Outcome::Died(old) => self.died(&old, e.ts),
+            Outcome::Replaced(old) => {
+                // The older block's free never arrived (lost, or dropped by
+                // the tracer): the new block replaces it, and it counts as
+                // freed when the new one came.
+                self.lost_frees += 1;
+                self.died(&old, e.ts);
+                self.born(&block);
+            }
+            Outcome::Late(ts) => {
+                self.late_allocs += 1;
+                self.in_snapshots(&block, ts);
+            }
+            Outcome::Unmatched => self.unmatched_frees += 1,
+            Outcome::Unknown => {}
+        }
     }
 
     /// Live bytes now (at the point of reading), estimated in sampled mode.
@@ -386,6 +522,16 @@ impl Trace {
 
     /// Feeds one record.
     pub fn record(&mut self, rec: Record) {
+        if let Some(ts) = record_ts(&rec) {
+            for s in &mut self.shards {
+                s.see_ts(ts);
+            }
+        }
+        self.record_global(rec);
+    }
+
+    /// Feeds one record whose time the shards have already seen.
+    fn record_global(&mut self, rec: Record) {
         match rec {
             Record::Info { key, value } => match &key[..] {
                 b"exe" => self.exe = Some(String::from_utf8_lossy(&value).into_owned()),
@@ -404,46 +550,29 @@ impl Trace {
                 _ => {}
             },
             Record::Module(m) => {
-                self.see_ts(m.ts);
+                self.global_ts(m.ts);
                 self.modules.push(m);
             }
             Record::Stack { id, frames } => {
                 self.stacks.insert(id, frames.into_boxed_slice());
             }
-            Record::Alloc {
-                ts,
-                addr,
-                size,
-                stack,
-                sampled,
-            } => {
-                self.see_ts(ts);
-                self.alloc(
-                    addr,
-                    LiveBlock {
-                        ts,
-                        size,
-                        stack,
-                        sampled,
-                    },
-                );
-            }
-            Record::Free { ts, addr } => {
-                self.see_ts(ts);
-                self.free(addr, ts);
+            Record::Alloc { .. } | Record::Free { .. } => {
+                let e = event_of(&rec).unwrap_or_default();
+                let o = self.shards[self.shard_of(e.addr)].event(&e);
+                self.apply(&e, o);
             }
             Record::Dropped { reason, total } => {
                 self.dropped.insert(reason, total);
             }
             Record::Stats { ts, fields } => {
-                self.see_ts(ts);
+                self.global_ts(ts);
                 let live = self.live_bytes();
                 self.memory
                     .stats(TimelinePoint::from_stats(ts, live, &fields));
             }
-            Record::End { ts } => self.see_ts(ts),
+            Record::End { ts } => self.global_ts(ts),
             Record::Mark { ts, what, value } => {
-                self.see_ts(ts);
+                self.global_ts(ts);
                 self.marks.push(Mark { ts, what, value });
             }
             Record::Mmap {
@@ -452,7 +581,7 @@ impl Trace {
                 len,
                 stack,
             } => {
-                self.see_ts(ts);
+                self.global_ts(ts);
                 self.mmap_events += 1;
                 self.unmap(addr, len);
                 if len > 0 {
@@ -460,7 +589,7 @@ impl Trace {
                 }
             }
             Record::Munmap { ts, addr, len } => {
-                self.see_ts(ts);
+                self.global_ts(ts);
                 self.unmap(addr, len);
             }
             // The exit leak scan: classified by `mtrace-analyze check`.
@@ -469,7 +598,7 @@ impl Trace {
                 live,
                 unreachable,
             } => {
-                self.see_ts(ts);
+                self.global_ts(ts);
                 self.scan = Some(Scan { live, unreachable });
             }
             Record::Code {
@@ -478,7 +607,7 @@ impl Trace {
                 len,
                 name,
             } => {
-                self.see_ts(ts);
+                self.global_ts(ts);
                 self.code.push(crate::symbolize::CodeRange {
                     start,
                     len,
@@ -522,58 +651,19 @@ impl Trace {
         out
     }
 
-    fn see_ts(&mut self, ts: u64) {
+    /// Trace time at a timed record: the running totals' side (the shards
+    /// see it too).
+    #[inline(always)]
+    fn global_ts(&mut self, ts: u64) {
         if ts > self.last_ts {
             self.last_ts = ts;
             self.memory
                 .tick(ts, self.live_exact as f64 + self.live_sampled);
         }
-        if self.last_ts - self.last_sweep_ts >= SWEEP_INTERVAL_NS {
-            self.sweep();
-        }
-    }
-
-    /// Drops tombstones older than the reorder window.
-    fn sweep(&mut self) {
-        self.last_sweep_ts = self.last_ts;
-        let horizon = self.last_ts.saturating_sub(REORDER_WINDOW_NS);
-        self.slots
-            .retain(|_, s| !matches!(s, Slot::Dead { ts } if *ts < horizon));
-    }
-
-    fn alloc(&mut self, addr: u64, block: LiveBlock) {
-        self.allocs += 1;
-        let rate = self.header.sample_rate;
-        let w = weight(block.size, block.sampled, rate);
-        let a = self.allocated.entry(block.stack).or_default();
-        a.0 += w.bytes;
-        a.1 += w.objects;
-        let slot = self.slots.entry(addr).or_insert(Slot::Dead { ts: 0 });
-        match *slot {
-            Slot::Live(old) if old.ts <= block.ts => {
-                // The older block's free never arrived (lost, or dropped by
-                // the tracer): the new block replaces it, and it counts as
-                // freed when the new one came.
-                self.lost_frees += 1;
-                *slot = Slot::Live(block);
-                self.died(&old, block.ts);
-                self.born(&block);
-            }
-            Slot::Dead { ts } if ts <= block.ts => {
-                *slot = Slot::Live(block);
-                self.born(&block);
-            }
-            // The slot holds a later event: this block was freed before it,
-            // by a free that was (or will be) counted as unmatched. That
-            // later event's time is the best bound on when it died.
-            Slot::Dead { ts } | Slot::Live(LiveBlock { ts, .. }) => {
-                self.late_allocs += 1;
-                self.in_snapshots(&block, ts);
-            }
-        }
     }
 
     /// A block became live: count it and move the peak.
+    #[inline(always)]
     fn born(&mut self, b: &LiveBlock) {
         if b.sampled && self.header.sample_rate > 1 {
             self.live_sampled += weight(b.size, true, self.header.sample_rate).bytes;
@@ -585,6 +675,7 @@ impl Trace {
     }
 
     /// A live block died at `ts`.
+    #[inline(always)]
     fn died(&mut self, b: &LiveBlock, ts: u64) {
         if b.sampled && self.header.sample_rate > 1 {
             self.live_sampled -= weight(b.size, true, self.header.sample_rate).bytes;
@@ -600,7 +691,11 @@ impl Trace {
 
     /// Adds a block that lived until `death` to every snapshot it was live
     /// in.
+    #[inline(always)]
     fn in_snapshots(&mut self, b: &LiveBlock, death: u64) {
+        if self.snapshots.is_empty() {
+            return;
+        }
         let rate = self.header.sample_rate;
         for s in &mut self.snapshots {
             if b.ts <= s.at && death > s.at {
@@ -611,33 +706,447 @@ impl Trace {
             }
         }
     }
+}
 
-    fn free(&mut self, addr: u64, ts: u64) {
-        self.frees += 1;
-        match self.slots.get_mut(&addr) {
-            Some(slot @ Slot::Live(_)) => {
-                let Slot::Live(b) = *slot else { unreachable!() };
+/// What an event did to its address, as its [`Shard`] saw it; the rest
+/// (running totals, counters, snapshots) follows from it in stream order.
+#[derive(Clone, Copy, Debug, Default)]
+enum Outcome {
+    /// Not decided (a placeholder; a shard gives every event its own).
+    #[default]
+    Unknown,
+    /// An allocation became the address's live block.
+    Born,
+    /// A free ended this live block.
+    Died(LiveBlock),
+    /// An allocation replaced this older live block, whose free was lost.
+    Replaced(LiveBlock),
+    /// An allocation older than the address's latest event, at this time:
+    /// the block was born and died before it.
+    Late(u64),
+    /// A free that matched no live block.
+    Unmatched,
+}
+
+/// The per-address state of some of the addresses: their live blocks and
+/// their tombstones (see the module documentation). Each shard keeps its own
+/// copy of the trace time, which decides when its tombstones are swept.
+#[derive(Clone, Debug)]
+struct Shard {
+    /// Per address, its latest event when that was an allocation: the
+    /// block, live (or so it seems: its free may still arrive).
+    live: AddrMap<LiveBlock>,
+    /// Per address, its latest event when that was a free: when (the
+    /// tombstone). An address in `live` may keep a stale entry here (it
+    /// saves a removal per allocation): `live` comes first.
+    dead: AddrMap<u64>,
+    /// No tombstone in `dead` is later than this.
+    dead_max_ts: u64,
+    last_ts: u64,
+    last_sweep_ts: u64,
+}
+
+impl Default for Shard {
+    fn default() -> Shard {
+        Shard {
+            // Small (the live blocks) and busy: mostly empty, so that probe
+            // runs stay short (measured: 30% full beats 50% and 75%).
+            live: AddrMap::new(30),
+            // Large (every address freed in the reorder window): dense.
+            dead: AddrMap::new(75),
+            dead_max_ts: 0,
+            last_ts: 0,
+            last_sweep_ts: 0,
+        }
+    }
+}
+
+impl Shard {
+    /// Trace time at a timed record (of any address).
+    #[inline(always)]
+    fn see_ts(&mut self, ts: u64) {
+        if ts > self.last_ts {
+            self.last_ts = ts;
+        }
+        if self.last_ts - self.last_sweep_ts >= SWEEP_INTERVAL_NS {
+            self.sweep();
+        }
+    }
+
+    /// Drops tombstones older than the reorder window.
+    #[cold]
+    #[inline(never)]
+    fn sweep(&mut self) {
+        self.last_sweep_ts = self.last_ts;
+        let horizon = self.last_ts.saturating_sub(REORDER_WINDOW_NS);
+        self.dead.retain(|_, &ts| ts >= horizon);
+    }
+
+    /// Asks for the cache lines `e` will need.
+    #[inline(always)]
+    fn prefetch(&self, e: &Event) {
+        self.live.prefetch(e.addr);
+        if e.kind == EventKind::Free || e.ts < self.dead_max_ts {
+            self.dead.prefetch(e.addr);
+        }
+    }
+
+    /// Feeds an event of one of this shard's addresses.
+    #[inline(always)]
+    fn event(&mut self, e: &Event) -> Outcome {
+        match e.kind {
+            EventKind::Free => self.free(e.addr, e.ts),
+            kind => self.alloc(
+                e.addr,
+                LiveBlock {
+                    ts: e.ts,
+                    size: e.size,
+                    stack: e.stack,
+                    sampled: kind == EventKind::Sample,
+                },
+            ),
+        }
+    }
+
+    /// Feeds this shard's events of a batch (`plan.shard[i]`: indices into
+    /// `events`), sweeping where `plan` says, and writes what each did into
+    /// `plan.outcomes[i]`, in the same order.
+    fn run(&mut self, events: &[Event], plan: &mut Plan, i: usize) {
+        let Plan {
+            shard,
+            outcomes,
+            sweeps,
+            clock,
+        } = plan;
+        let mine = &shard[i][..];
+        let outcomes = &mut outcomes[i];
+        outcomes.clear();
+        let mut sweeps = sweeps.iter().peekable();
+        for (i, &k) in mine.iter().enumerate() {
+            let k = k as usize;
+            while let Some(&&(at, ts)) = sweeps.peek() {
+                if at as usize > k {
+                    break;
+                }
+                self.sweep_at(ts);
+                sweeps.next();
+            }
+            if let Some(&next) = mine.get(i + PREFETCH_AHEAD) {
+                if let Some(next) = events.get(next as usize) {
+                    self.prefetch(next);
+                }
+            }
+            let o = match events.get(k) {
+                Some(e) => self.event(e),
+                None => Outcome::Unknown,
+            };
+            outcomes.push(o);
+        }
+        for &(_, ts) in sweeps {
+            self.sweep_at(ts);
+        }
+        self.last_ts = clock.last_ts;
+        self.last_sweep_ts = clock.last_sweep_ts;
+    }
+
+    /// The sweep [`Shard::see_ts`] makes when the time is `ts`.
+    fn sweep_at(&mut self, ts: u64) {
+        self.last_ts = ts;
+        self.sweep();
+    }
+
+    #[inline(always)]
+    fn alloc(&mut self, addr: u64, block: LiveBlock) -> Outcome {
+        let dead = &self.dead;
+        let dead_max_ts = self.dead_max_ts;
+        self.live.update(
+            addr,
+            |slot| {
+                let old = *slot;
+                if old.ts <= block.ts {
+                    *slot = block;
+                    (false, Outcome::Replaced(old))
+                } else {
+                    // The live block is later: this one was freed before
+                    // it, by a free that was (or will be) counted as
+                    // unmatched. That later event's time is the best bound
+                    // on when it died.
+                    (false, Outcome::Late(old.ts))
+                }
+            },
+            || {
+                // Events come nearly in time order: a block allocated after
+                // every free so far needs no look at the tombstones.
+                if block.ts < dead_max_ts {
+                    if let Some(ts) = dead.get(addr).filter(|&ts| ts > block.ts) {
+                        return (None, Outcome::Late(ts));
+                    }
+                }
+                // The tombstone, if any, stays behind the live block.
+                (Some(block), Outcome::Born)
+            },
+        )
+    }
+
+    #[inline(always)]
+    fn free(&mut self, addr: u64, ts: u64) -> Outcome {
+        let o = self.live.update(
+            addr,
+            |b| {
                 if b.ts < ts {
-                    *slot = Slot::Dead { ts };
-                    self.died(&b, ts);
+                    (true, Outcome::Died(*b))
                 } else {
                     // Frees a block older than the live one.
-                    self.unmatched_frees += 1;
+                    (false, Outcome::Unmatched)
                 }
-            }
-            Some(Slot::Dead { ts: dead }) => {
-                // A free after a free: its alloc is late, or a double free,
-                // or the block predates the trace.
-                self.unmatched_frees += 1;
-                if *dead < ts {
-                    *dead = ts;
+            },
+            || (None, Outcome::Unknown),
+        );
+        match o {
+            Outcome::Died(_) => self.bury(addr, ts),
+            Outcome::Unknown => {
+                // A free after a free (its alloc is late, or a double free,
+                // or the block predates the trace), or of an address never
+                // seen.
+                match self.dead.get_mut(addr) {
+                    Some(dead) => {
+                        if *dead < ts {
+                            *dead = ts;
+                            self.dead_max_ts = self.dead_max_ts.max(ts);
+                        }
+                    }
+                    None => self.bury(addr, ts),
                 }
+                return Outcome::Unmatched;
             }
-            None => {
-                self.unmatched_frees += 1;
-                self.slots.insert(addr, Slot::Dead { ts });
+            _ => {}
+        }
+        o
+    }
+
+    /// Sets the tombstone of `addr` to `ts`.
+    #[inline(always)]
+    fn bury(&mut self, addr: u64, ts: u64) {
+        self.dead.insert(addr, ts);
+        self.dead_max_ts = self.dead_max_ts.max(ts);
+    }
+}
+
+/// The trace time as the shards see it ([`Shard::see_ts`]): when it
+/// sweeps.
+#[derive(Clone, Copy, Debug, Default)]
+struct Clock {
+    last_ts: u64,
+    last_sweep_ts: u64,
+}
+
+/// How the two shards share a batch while reading: which events each
+/// takes, and before which event each sweep falls (the same for both: they
+/// see the same times). Worked out once, on the decoding thread, so that
+/// neither shard looks at the other's events.
+#[derive(Clone, Debug, Default)]
+struct Plan {
+    /// Indices of the events of shard 0 and of shard 1.
+    shard: [Vec<u32>; 2],
+    /// What each of those events did, in the same order (each shard writes
+    /// its own: no cache line is written by both threads).
+    outcomes: [Vec<Outcome>; 2],
+    /// (index of the event before which a sweep happens, the time then).
+    sweeps: Vec<(u32, u64)>,
+    /// The time after the batch.
+    clock: Clock,
+}
+
+impl Plan {
+    /// Plans `batch` from `clock` (the time after the batch before).
+    fn make(&mut self, batch: &Batch, clock: Clock, split: u8) {
+        let events = &batch.events;
+        let n = events.len();
+        self.sweeps.clear();
+        let mut c = clock;
+        let mut see = |ts: u64, at: usize, sweeps: &mut Vec<(u32, u64)>| {
+            if ts > c.last_ts {
+                c.last_ts = ts;
+            }
+            if c.last_ts - c.last_sweep_ts >= SWEEP_INTERVAL_NS {
+                c.last_sweep_ts = c.last_ts;
+                sweeps.push((at as u32, c.last_ts));
+            }
+        };
+        let mut done = 0;
+        for (at, rec) in &batch.records {
+            let at = (*at).clamp(done, n);
+            for (k, e) in events[done..at].iter().enumerate() {
+                see(e.ts, done + k, &mut self.sweeps);
+            }
+            done = at;
+            if let Some(ts) = record_ts(rec) {
+                see(ts, at, &mut self.sweeps);
             }
         }
+        for (k, e) in events[done..].iter().enumerate() {
+            see(e.ts, done + k, &mut self.sweeps);
+        }
+        self.clock = c;
+        // Both lists written for every event, the right one advanced: no
+        // branch to mispredict.
+        for list in &mut self.shard {
+            list.clear();
+            list.resize(n, 0);
+        }
+        let (zero, one) = self.shard.split_at_mut(1);
+        let (zero, one) = (&mut zero[0], &mut one[0]);
+        let (mut a, mut b) = (0usize, 0usize);
+        for (k, e) in events.iter().enumerate() {
+            let h = usize::from(helper_owns(e.addr, split));
+            zero[a] = k as u32;
+            one[b] = k as u32;
+            a += 1 - h;
+            b += h;
+        }
+        zero.truncate(a);
+        one.truncate(b);
+    }
+}
+
+/// True when `addr` belongs to shard 1, which holds `split` 256ths of the
+/// addresses. (A hash of its own: the maps' buckets come from the top bits
+/// of another.)
+#[inline(always)]
+fn helper_owns(addr: u64, split: u8) -> bool {
+    let h = (addr ^ (addr >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    ((h >> 32) as u8) < split
+}
+
+/// The time a record feeds to the trace's clock, for those that have one.
+fn record_ts(rec: &Record) -> Option<u64> {
+    match rec {
+        Record::Module(m) => Some(m.ts),
+        Record::Alloc { ts, .. }
+        | Record::Free { ts, .. }
+        | Record::Stats { ts, .. }
+        | Record::End { ts }
+        | Record::Mark { ts, .. }
+        | Record::Mmap { ts, .. }
+        | Record::Munmap { ts, .. }
+        | Record::Scan { ts, .. }
+        | Record::Code { ts, .. } => Some(*ts),
+        Record::Info { .. } | Record::Stack { .. } | Record::Dropped { .. } => None,
+    }
+}
+
+/// An ALLOC, SAMPLE or FREE record as an [`Event`].
+fn event_of(rec: &Record) -> Option<Event> {
+    match *rec {
+        Record::Alloc {
+            ts,
+            addr,
+            size,
+            stack,
+            sampled,
+        } => Some(Event {
+            ts,
+            addr,
+            size,
+            stack,
+            kind: if sampled {
+                EventKind::Sample
+            } else {
+                EventKind::Alloc
+            },
+        }),
+        Record::Free { ts, addr } => Some(Event {
+            ts,
+            addr,
+            size: 0,
+            stack: 0,
+            kind: EventKind::Free,
+        }),
+        _ => None,
+    }
+}
+
+/// What one stack allocated, summed as the records come.
+#[derive(Clone, Copy, Debug, Default)]
+struct Allocated {
+    /// Exact mode: bytes, summed as integers.
+    bytes: u128,
+    /// Exact mode: blocks.
+    objects: u64,
+    /// Sampled mode: bytes, sampling undone.
+    est_bytes: f64,
+    /// Sampled mode: objects, sampling undone.
+    est_objects: f64,
+    /// True once an allocation from this stack was read.
+    seen: bool,
+}
+
+/// [`Allocated`] per stack id. The tracer hands ids out densely from 1, so
+/// they index a table directly; an id far beyond the number of stacks seen
+/// (only a damaged or hand-made trace has one) goes to a map instead, which
+/// keeps memory proportional to the distinct stacks.
+#[derive(Clone, Debug, Default)]
+struct PerStack {
+    dense: Vec<Allocated>,
+    sparse: FxHashMap<u64, Allocated>,
+    /// Distinct ids seen.
+    seen: usize,
+}
+
+impl PerStack {
+    #[inline(always)]
+    fn get(&mut self, id: u64) -> &mut Allocated {
+        match usize::try_from(id) {
+            Ok(i) if i < self.dense.len() => {
+                if !self.dense[i].seen {
+                    self.dense[i].seen = true;
+                    self.seen += 1;
+                }
+                &mut self.dense[i]
+            }
+            _ => self.get_slow(id),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn get_slow(&mut self, id: u64) -> &mut Allocated {
+        let limit = 4096 + 4 * self.seen;
+        match usize::try_from(id) {
+            Ok(i) if i < limit => {
+                self.dense.resize(i + 1, Allocated::default());
+                // Ids kept in the map until now move into the table.
+                let moved: Vec<u64> = self.sparse.keys().copied().filter(|&k| k <= id).collect();
+                for k in moved {
+                    if let Some(a) = self.sparse.remove(&k) {
+                        self.dense[k as usize] = a;
+                    }
+                }
+                if !self.dense[i].seen {
+                    self.dense[i].seen = true;
+                    self.seen += 1;
+                }
+                &mut self.dense[i]
+            }
+            _ => {
+                if !self.sparse.contains_key(&id) {
+                    self.seen += 1;
+                }
+                let a = self.sparse.entry(id).or_default();
+                a.seen = true;
+                a
+            }
+        }
+    }
+
+    /// The stacks seen, in no particular order.
+    fn iter(&self) -> impl Iterator<Item = (u64, &Allocated)> + '_ {
+        self.dense
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.seen)
+            .map(|(i, a)| (i as u64, a))
+            .chain(self.sparse.iter().map(|(&k, a)| (k, a)))
     }
 }
 
@@ -652,52 +1161,75 @@ pub fn read_trace<R: Read + Send>(reader: R) -> Result<Trace, DecodeError> {
 /// Reads a whole trace like [`read_trace`], also summing what was live at
 /// each of `snapshots`' moments.
 ///
-/// Decoding and aggregation run on two threads: the decoder thread sends
-/// records in order, in batches, and this thread feeds them to the
-/// [`Trace`]. (Decoding itself is sequential: every record's time and
-/// address are deltas from the previous one.)
+/// Two threads share the work. The decoding thread decodes a batch of
+/// records ([`Decoder::next_batch`]: events in a compact form), splits its
+/// events by address between two shards, feeds its own
+/// shard's events and passes the batch on; this thread feeds the other
+/// shard's events, then walks the batch in stream order to apply what each
+/// event did (running totals, peak, timeline, snapshots) and the other
+/// records. Every address's events are seen by one shard in stream order,
+/// and everything else in stream order, so the result is the one
+/// [`Trace::record`] gives record by record (a test checks it). (Decoding
+/// itself is sequential: every record's time and address are deltas from
+/// the previous one.)
 pub fn read_trace_with<R: Read + Send>(
     reader: R,
     snapshots: Vec<Snapshot>,
 ) -> Result<Trace, DecodeError> {
+    /// Events per batch: a batch (40 bytes an event) stays well inside the
+    /// second-level cache.
     const BATCH: usize = 8192;
+    /// The decoding thread's share of the addresses, in 256ths: decoding
+    /// costs it about as much as the running totals cost the other thread.
+    const SPLIT: u8 = 80;
+    type Work = (Batch, Plan);
     enum Msg {
-        Records(Vec<Record>, u64),
+        Batch(Work, u64),
         End(Result<Ending, DecodeError>),
     }
     let mut dec = Decoder::new(reader)?;
     let mut trace = Trace::new(dec.header().clone());
     trace.snapshots = snapshots;
+    trace.split = SPLIT;
+    let mut helper = std::mem::take(&mut trace.shards[1]);
     let mut progress = Progress::new(dec.header().committed);
-    std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(8);
-        scope.spawn(move || {
-            let mut batch = Vec::with_capacity(BATCH);
-            let end = loop {
-                match dec.next() {
-                    Ok(Some(rec)) => {
-                        batch.push(rec);
-                        if batch.len() == BATCH {
-                            let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
-                            if tx.send(Msg::Records(full, dec.offset())).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Ok(None) => break Ok(dec.ending().clone()),
-                    Err(e) => break Err(e),
+    let helper = std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(4);
+        // Emptied batches go back to the decoder to be filled again.
+        let (back_tx, back_rx) = std::sync::mpsc::channel::<Work>();
+        let thread = scope.spawn(move || {
+            let mut clock = Clock::default();
+            loop {
+                let (mut batch, mut plan) = back_rx
+                    .try_recv()
+                    .unwrap_or_else(|_| (Batch::with_capacity(BATCH), Plan::default()));
+                let more = dec.next_batch(&mut batch, BATCH);
+                plan.make(&batch, clock, SPLIT);
+                clock = plan.clock;
+                helper.run(&batch.events, &mut plan, 1);
+                let msg = Msg::Batch((batch, plan), dec.offset());
+                if tx.send(msg).is_err() {
+                    break;
                 }
-            };
-            let _ = tx.send(Msg::Records(batch, dec.offset()));
-            let _ = tx.send(Msg::End(end));
+                let end = match more {
+                    Ok(true) => continue,
+                    Ok(false) => Ok(dec.ending().clone()),
+                    Err(e) => Err(e),
+                };
+                let _ = tx.send(Msg::End(end));
+                break;
+            }
+            helper
         });
         for msg in rx {
             match msg {
-                Msg::Records(records, offset) => {
+                Msg::Batch((mut batch, mut plan), offset) => {
                     progress.show(offset);
-                    for rec in records {
-                        trace.record(rec);
-                    }
+                    trace.shards[0].run(&batch.events, &mut plan, 0);
+                    trace.merge(&mut batch, &plan);
+                    // The decoder may have finished: then the batch is
+                    // simply dropped.
+                    let _ = back_tx.send((batch, plan));
                 }
                 Msg::End(Ok(ending)) => {
                     trace.ending = Some(match ending {
@@ -715,7 +1247,19 @@ pub fn read_trace_with<R: Read + Send>(
                 }
             }
         }
+        thread.join()
     });
+    match helper {
+        Ok(shard) => trace.shards[1] = shard,
+        // The decoding thread panicked (it cannot): say so as a damaged
+        // trace rather than lose what was read.
+        Err(_) => {
+            trace.ending = Some(TraceEnding::Corrupt {
+                detail: "the decoding thread failed".into(),
+            })
+        }
+    }
+    trace.finish();
     progress.done();
     Ok(trace)
 }
@@ -827,6 +1371,133 @@ mod tests {
         assert_eq!(weight(100, false, 1000).bytes, 100.0);
         assert_eq!(weight(100, true, 1).bytes, 100.0);
         assert_eq!(weight(0, true, 1000).objects, 1.0);
+    }
+
+    /// A trace whose events come out of order in every way the module
+    /// documentation names, over more than the reorder window.
+    fn shuffled_trace(rate: u64) -> Vec<u8> {
+        use mtrace_format::{Encoder, FLAG_CLEAN_END, HEADER_SIZE};
+        let mut enc = Encoder::new();
+        let mut body = Vec::new();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut live: Vec<(u64, u64)> = Vec::new();
+        let mut pending: Vec<(bool, u64, u64, u64, u64)> = Vec::new();
+        let mut ts = 0u64;
+        for i in 0..60_000u64 {
+            ts += 1 + rnd() % 200_000;
+            let r = rnd();
+            if live.len() < 500 || r % 2 == 0 {
+                let addr = if r % 997 == 0 { 0 } else { (rnd() % 3000) * 16 };
+                let size = if r % 50 == 0 {
+                    1 << 20
+                } else {
+                    16 + rnd() % 300
+                };
+                pending.push((true, ts, addr, size, 1 + rnd() % 20));
+                live.push((addr, ts));
+            } else {
+                let k = (rnd() % live.len() as u64) as usize;
+                let (addr, _) = live.swap_remove(k);
+                pending.push((false, ts, addr, 0, 0));
+            }
+            if i % 777 == 0 {
+                // A free of a block from before the trace.
+                pending.push((false, ts, 0x7000_0000 + i * 16, 0, 0));
+            }
+            // Writer batches: flushed in a shuffled order now and then.
+            if pending.len() >= 40 || i % 5000 == 0 {
+                let n = pending.len();
+                for j in 0..n {
+                    let k = j + (rnd() as usize % (n - j));
+                    pending.swap(j, k);
+                }
+                for (alloc, ts, addr, size, stack) in pending.drain(..) {
+                    if alloc {
+                        enc.alloc(&mut body, ts, addr, size, stack, rate > 1 && size < rate);
+                    } else {
+                        enc.free(&mut body, ts, addr);
+                    }
+                }
+                if i % 3000 == 0 {
+                    enc.stats(&mut body, ts, &[(mtrace_format::stat::RSS, i)]);
+                }
+            }
+        }
+        enc.end(&mut body, ts + 1);
+        let h = Header {
+            version: mtrace_format::FORMAT_VERSION,
+            committed: body.len() as u64,
+            flags: FLAG_CLEAN_END,
+            sample_rate: rate,
+            ..Header::default()
+        };
+        let mut out = vec![0u8; HEADER_SIZE];
+        h.encode(&mut out);
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Everything a report reads from a trace, in a comparable form.
+    fn summary(t: &Trace) -> String {
+        let mut live: Vec<(u64, LiveBlock)> = t.live_blocks_at().map(|(a, b)| (a, *b)).collect();
+        live.sort_by_key(|&(a, b)| (a, b.ts));
+        let mut allocated: Vec<_> = t.allocated.iter().collect();
+        allocated.sort_by(|a, b| a.0.cmp(b.0));
+        let snaps: Vec<Vec<_>> = (0..t.snapshots.len())
+            .map(|i| {
+                let mut v: Vec<(u64, SnapSums)> = t.snapshot(i).into_iter().collect();
+                v.sort_by_key(|e| e.0);
+                v
+            })
+            .collect();
+        format!(
+            "{live:?} {allocated:?} {} {} {} {} {} {} {:?} {} {} {:?} {snaps:?}",
+            t.allocs,
+            t.frees,
+            t.lost_frees,
+            t.frees_of_unknown(),
+            t.late_allocs,
+            t.last_ts,
+            t.live_bytes(),
+            t.memory.live_peak,
+            t.memory.live_peak_ts,
+            t.memory.timeline.points(),
+        )
+    }
+
+    #[test]
+    fn reading_on_two_threads_equals_feeding_records_one_by_one() {
+        for rate in [1, 4096] {
+            let bytes = shuffled_trace(rate);
+            let snaps = || {
+                vec![
+                    Snapshot::new(2_000_000_000, None),
+                    Snapshot::new(4_000_000_000, Some(1)),
+                ]
+            };
+            let read = read_trace_with(&bytes[..], snaps()).unwrap();
+            let mut dec = Decoder::new(&bytes[..]).unwrap();
+            let mut fed = Trace::new(dec.header().clone());
+            fed.snapshots = snaps();
+            while let Some(rec) = dec.next().unwrap() {
+                fed.record(rec);
+            }
+            fed.finish();
+            assert!(
+                read.late_allocs > 0 && read.lost_frees > 0,
+                "{}",
+                summary(&read)
+            );
+            assert!(read.frees_of_unknown() > 0 && read.live_blocks().count() > 100);
+            assert_eq!(summary(&read), summary(&fed), "rate {rate}");
+            assert_eq!(read.ending, Some(TraceEnding::Clean));
+        }
     }
 
     #[test]

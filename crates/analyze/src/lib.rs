@@ -33,6 +33,7 @@
 //! and distinct stacks, never to the file's size. **Invariant:** no input
 //! makes it panic; damage ends the reading with what was read before it.
 
+pub mod addrmap;
 pub mod analysis;
 pub mod check;
 pub mod churn;

@@ -174,6 +174,7 @@ impl MemoryStats {
     }
 
     /// Trace time moved on to `ts` with `live` bytes live.
+    #[inline]
     pub fn tick(&mut self, ts: u64, live: f64) {
         if self.stats_records == 0 && ts >= self.next_live_only {
             self.timeline.push(TimelinePoint {
@@ -188,6 +189,7 @@ impl MemoryStats {
     }
 
     /// The live total changed to `live` at `ts`.
+    #[inline]
     pub fn live_changed(&mut self, ts: u64, live: f64) {
         if live > self.live_peak {
             self.live_peak = live;
