@@ -605,7 +605,7 @@ pub(crate) fn summarize(trace: &Trace, path: &str) -> TraceSummary {
                 .collect(),
         },
         start_realtime_ns: h.start_realtime_ns,
-        lost_frees: trace.lost_frees,
+        lost_frees: trace.lost_frees_net(),
     }
 }
 
