@@ -1568,7 +1568,7 @@ mod tests {
                         ts: &mut u64| {
                 *ts += 1 + rnd(x) % 1000;
                 let t = (rnd(x) % THREADS as u64) as usize;
-                if !free_addrs.is_empty() && (live.is_empty() || rnd(x) % 2 == 0) {
+                if !free_addrs.is_empty() && (live.is_empty() || rnd(x).is_multiple_of(2)) {
                     let k = (rnd(x) % free_addrs.len() as u64) as usize;
                     let addr = free_addrs.swap_remove(k);
                     let size = 1 + rnd(x) % 500;
