@@ -587,7 +587,7 @@ impl Trace {
                 self.stacks.insert(id, frames.into_boxed_slice());
             }
             Record::Alloc { .. } | Record::Free { .. } => {
-                let e = event_of(&rec).unwrap_or_default();
+                let e = Event::of_record(&rec).unwrap_or_default();
                 let o = self.shards[self.shard_of(e.addr)].event(&e);
                 self.apply(&e, o);
             }
@@ -1064,37 +1064,6 @@ fn record_ts(rec: &Record) -> Option<u64> {
         | Record::Scan { ts, .. }
         | Record::Code { ts, .. } => Some(*ts),
         Record::Info { .. } | Record::Stack { .. } | Record::Dropped { .. } => None,
-    }
-}
-
-/// An ALLOC, SAMPLE or FREE record as an [`Event`].
-fn event_of(rec: &Record) -> Option<Event> {
-    match *rec {
-        Record::Alloc {
-            ts,
-            addr,
-            size,
-            stack,
-            sampled,
-        } => Some(Event {
-            ts,
-            addr,
-            size,
-            stack,
-            kind: if sampled {
-                EventKind::Sample
-            } else {
-                EventKind::Alloc
-            },
-        }),
-        Record::Free { ts, addr } => Some(Event {
-            ts,
-            addr,
-            size: 0,
-            stack: 0,
-            kind: EventKind::Free,
-        }),
-        _ => None,
     }
 }
 

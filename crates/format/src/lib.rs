@@ -398,6 +398,37 @@ pub struct Event {
 }
 
 impl Event {
+    /// An ALLOC or FREE record as an event; `None` for other records.
+    pub fn of_record(rec: &Record) -> Option<Event> {
+        match *rec {
+            Record::Alloc {
+                ts,
+                addr,
+                size,
+                stack,
+                sampled,
+            } => Some(Event {
+                ts,
+                addr,
+                size,
+                stack,
+                kind: if sampled {
+                    EventKind::Sample
+                } else {
+                    EventKind::Alloc
+                },
+            }),
+            Record::Free { ts, addr } => Some(Event {
+                ts,
+                addr,
+                size: 0,
+                stack: 0,
+                kind: EventKind::Free,
+            }),
+            _ => None,
+        }
+    }
+
     /// The same event as a [`Record`].
     pub fn to_record(&self) -> Record {
         match self.kind {
@@ -958,30 +989,9 @@ impl<R: Read> Decoder<R> {
             // buffer, the end of the stream or an error: the general way.
             match self.next()? {
                 None => return Ok(false),
-                Some(Record::Alloc {
-                    ts,
-                    addr,
-                    size,
-                    stack,
-                    sampled,
-                }) => batch.events.push(Event {
-                    ts,
-                    addr,
-                    size,
-                    stack,
-                    kind: if sampled {
-                        EventKind::Sample
-                    } else {
-                        EventKind::Alloc
-                    },
-                }),
-                Some(Record::Free { ts, addr }) => batch.events.push(Event {
-                    ts,
-                    addr,
-                    size: 0,
-                    stack: 0,
-                    kind: EventKind::Free,
-                }),
+                Some(rec @ (Record::Alloc { .. } | Record::Free { .. })) => {
+                    batch.events.extend(Event::of_record(&rec))
+                }
                 Some(rec) => {
                     batch.records.push((batch.events.len(), rec));
                     if self.offset() - start >= BATCH_BYTES as u64 {
@@ -1330,6 +1340,19 @@ fn parse(window: &[u8], last_ts: &mut u64, last_addr: &mut u64) -> Parsed {
 mod tests {
     use super::*;
 
+    /// A reader that returns at most `self.1` bytes a call, so that records
+    /// straddle every read-buffer boundary.
+    struct Trickle<'a>(&'a [u8], usize);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.0.len()).min(self.1);
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
     fn header() -> Header {
         Header {
             version: FORMAT_VERSION,
@@ -1555,15 +1578,6 @@ mod tests {
     fn records_spanning_read_buffers_decode() {
         // Many records, fed one byte at a time through a reader that returns
         // short reads, exercise every buffer-boundary path.
-        struct Trickle<'a>(&'a [u8]);
-        impl Read for Trickle<'_> {
-            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-                let n = buf.len().min(self.0.len()).min(3);
-                buf[..n].copy_from_slice(&self.0[..n]);
-                self.0 = &self.0[n..];
-                Ok(n)
-            }
-        }
         let mut recs = Vec::new();
         for i in 0..5000u64 {
             recs.push(Record::Alloc {
@@ -1580,7 +1594,7 @@ mod tests {
         }
         recs.push(Record::End { ts: 99_999 });
         let bytes = file(&recs, true);
-        let mut d = Decoder::new(Trickle(&bytes)).unwrap();
+        let mut d = Decoder::new(Trickle(&bytes, 3)).unwrap();
         let mut back = Vec::new();
         while let Some(r) = d.next().unwrap() {
             back.push(r);
@@ -1701,15 +1715,6 @@ mod tests {
 
     #[test]
     fn batches_read_through_short_reads() {
-        struct Trickle<'a>(&'a [u8]);
-        impl Read for Trickle<'_> {
-            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-                let n = buf.len().min(self.0.len()).min(5);
-                buf[..n].copy_from_slice(&self.0[..n]);
-                self.0 = &self.0[n..];
-                Ok(n)
-            }
-        }
         let mut recs = Vec::new();
         for i in 0..5000u64 {
             recs.push(Record::Alloc {
@@ -1726,7 +1731,7 @@ mod tests {
         }
         recs.push(Record::End { ts: 99_999 });
         let bytes = file(&recs, true);
-        let (back, ending) = decode_batched(Trickle(&bytes), 100).unwrap();
+        let (back, ending) = decode_batched(Trickle(&bytes, 5), 100).unwrap();
         assert_eq!(back, recs);
         assert_eq!(ending, Ending::Clean);
     }
