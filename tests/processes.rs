@@ -67,6 +67,11 @@ fn fork_and_exec_each_write_their_own_trace_with_their_own_leaks() {
 
     let summary = before.summary();
     assert_eq!(before.pid(), u64::from(parent), "{summary}");
+    // Not "killed or exited abruptly": the image before an exec ends at it.
+    assert_eq!(before.ending(), "cut_off", "{summary}");
+    let detail = before.trace()["ending_detail"].as_str().unwrap_or("");
+    assert!(detail.starts_with("ended at exec"), "{detail:?}\n{summary}");
+    assert_eq!(after.ending(), "clean", "{}", after.summary());
     assert_eq!(
         before.held_by("leak_parent_before_fork"),
         (333, 1),

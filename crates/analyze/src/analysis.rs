@@ -360,6 +360,18 @@ impl Trace {
         }
     }
 
+    /// True when the trace stops at an exec: no END record, and the EXEC
+    /// mark the tracer writes just before the exec is its last event (an
+    /// exec that fails goes on and ends the trace later). The new image has
+    /// a trace of its own.
+    pub fn ended_at_exec(&self) -> bool {
+        matches!(self.ending, None | Some(TraceEnding::CutOff))
+            && self
+                .marks
+                .last()
+                .is_some_and(|m| m.what == mtrace_format::mark::EXEC && m.ts >= self.last_ts)
+    }
+
     /// True when every allocation and free was recorded (sample rate 1).
     pub fn exact(&self) -> bool {
         self.header.sample_rate <= 1

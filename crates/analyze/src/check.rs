@@ -32,7 +32,6 @@
 use std::fmt::Write as _;
 use std::io::{self, Write};
 
-use mtrace_format::mark;
 use serde::Serialize;
 
 use crate::analysis::{Sums, Trace, TraceEnding};
@@ -443,13 +442,7 @@ fn status_of(trace: &Trace) -> (Status, Option<String>) {
         TraceEnding::Clean if trace.malloc_owner.is_some() => (Status::Untraced, None),
         TraceEnding::Clean => (Status::Exited, None),
         TraceEnding::CutOff => {
-            // The tracer writes an EXEC mark as the last thing before the
-            // exec; a failed exec goes on and ends the trace later.
-            let exec = trace
-                .marks
-                .last()
-                .is_some_and(|m| m.what == mark::EXEC && m.ts >= trace.last_ts);
-            if exec {
+            if trace.ended_at_exec() {
                 (Status::Exec, None)
             } else {
                 (Status::Killed, None)

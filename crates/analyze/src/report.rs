@@ -578,7 +578,15 @@ pub(crate) fn summarize(trace: &Trace, path: &str) -> TraceSummary {
         sample_rate: h.sample_rate,
         duration_ns: trace.last_ts,
         ending: ending.name(),
-        ending_detail: (ending != TraceEnding::Clean).then(|| ending.describe()),
+        ending_detail: if trace.ended_at_exec() {
+            Some(
+                "ended at exec: the program replaced itself with another, which has a \
+                 trace file of its own"
+                    .to_string(),
+            )
+        } else {
+            (ending != TraceEnding::Clean).then(|| ending.describe())
+        },
         allocs: trace.allocs,
         frees: trace.frees,
         frees_of_unknown: trace.frees_of_unknown(),
