@@ -178,6 +178,14 @@ fn find(addr: u64) -> Option<&'static AtomicU64> {
     None
 }
 
+/// The key a sampled block at `p` carries; `None` before the key is drawn
+/// (exact mode, or sampled mode not started), when no block is marked.
+#[inline]
+fn key_for(p: u64) -> Option<u64> {
+    let key = KEY.load(Relaxed);
+    (key != 0).then_some(key ^ p)
+}
+
 /// The key word of a keyed candidate.
 ///
 /// # Safety
@@ -200,9 +208,13 @@ unsafe fn key_word(p: u64) -> &'static AtomicU64 {
 /// chunk.
 pub unsafe fn mark(p: u64) -> bool {
     if keyed(p) {
-        // SAFETY: as the contract.
-        unsafe { key_word(p) }.store(KEY.load(Relaxed) ^ p, Release);
-        true
+        // The key is drawn at init, before tracing can start: never None
+        // for a block recorded in sampled mode.
+        key_for(p).is_some_and(|key| {
+            // SAFETY: as the contract.
+            unsafe { key_word(p) }.store(key, Release);
+            true
+        })
     } else {
         insert(p)
     }
@@ -219,8 +231,7 @@ pub unsafe fn holds(p: u64) -> bool {
     }
     if keyed(p) {
         // SAFETY: as the contract.
-        let w = unsafe { key_word(p) }.load(Acquire);
-        w == KEY.load(Relaxed) ^ p && SET.load(Relaxed) != 0
+        key_for(p).is_some_and(|key| unsafe { key_word(p) }.load(Acquire) == key)
     } else {
         find(p).is_some()
     }
@@ -236,10 +247,11 @@ pub unsafe fn take(p: u64) -> bool {
         return false;
     }
     if keyed(p) {
-        // SAFETY: as the contract.
-        let w = unsafe { key_word(p) };
-        let key = KEY.load(Relaxed) ^ p;
-        SET.load(Relaxed) != 0 && w.compare_exchange(key, 0, AcqRel, Relaxed).is_ok()
+        key_for(p).is_some_and(|key| {
+            // SAFETY: as the contract.
+            let w = unsafe { key_word(p) };
+            w.compare_exchange(key, 0, AcqRel, Relaxed).is_ok()
+        })
     } else {
         find(p).is_some_and(|sl| sl.compare_exchange(p, TOMB, AcqRel, Relaxed).is_ok())
     }
