@@ -50,11 +50,13 @@ unsafe fn sampled_alloc(size: usize) -> *mut c_void {
 }
 
 /// Blocks at least this large are zeroed for calloc by the real calloc,
-/// which knows when its memory is fresh from the kernel and skips the
-/// clearing (a sampled 1 MiB calloc cleared by hand faulted in all of its
-/// pages); smaller ones are cleared by hand, since the real calloc would
-/// clear the page of padding too.
-const CALLOC_BY_REAL: usize = 64 << 10;
+/// which knows when its memory is fresh from the kernel or the top of the
+/// heap and skips the clearing (a sampled 1 MiB calloc cleared by hand
+/// faulted in all of its pages; on the churn benchmark, clearing the 4-64 KiB
+/// ones by hand cost 0.5% of the run in callgrind). Smaller ones are cleared
+/// by hand, since the real calloc would clear the page of padding too: from
+/// a page up, that at most doubles the clearing it does not skip.
+const CALLOC_BY_REAL: usize = 4 << 10;
 
 /// `sampled_alloc` for calloc: the program's `size` bytes are zero.
 unsafe fn sampled_zeroed(size: usize) -> *mut c_void {
@@ -117,35 +119,45 @@ fn is_free_candidate(p: *mut c_void) -> bool {
     (p as usize) & FREE_MASK.load(Relaxed) == 0
 }
 
-/// # Safety
-/// As C's `malloc`.
-///
-/// The hot path is written out as the few instructions it must be: find the
-/// thread's state (initial-exec TLS), subtract the size from the countdown,
-/// and if it stays positive store it and jump to the real `malloc`; otherwise
-/// jump to the slow path with the arguments untouched. This is what the Rust
-/// version compiles to, minus the frame setup it cannot avoid (the crate keeps
-/// frame pointers for the frame-pointer unwinder; tail jumps leave no frame).
-#[cfg_attr(not(test), unsafe(no_mangle))]
-#[unsafe(naked)]
-pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {
-    core::arch::naked_asm!(
-        "mov rax, qword ptr [rip + mtrace_rs_tls@GOTTPOFF]",
-        "add rax, qword ptr fs:[0]",
-        // countdown is the first field of Tls (asserted in tracer.rs)
-        "mov rcx, qword ptr [rax]",
-        // Unsigned: the slow path takes size >= countdown, including the
-        // absurd sizes (>= 2^63) that must fail in the real malloc without
-        // wrapping the countdown.
-        "sub rcx, rdi",
-        "jbe 2f",
-        "mov qword ptr [rax], rcx",
-        "jmp qword ptr [rip + {real}]",
-        "2:",
-        "jmp {slow}",
-        real = sym real::MALLOC,
-        slow = sym malloc_slow,
-    )
+/// An allocation entry point whose hot path is malloc's: find the thread's
+/// state (initial-exec TLS, addressed from `fs`), subtract the size (in the register `size`)
+/// from the countdown, and if it stays positive store it and jump to the
+/// real function; otherwise jump to `slow` with the arguments untouched.
+/// Only `rax` and `rcx`, which carry no argument of these functions, are
+/// used. This is what the Rust version compiles to, minus the frame setup it
+/// cannot avoid (the crate keeps frame pointers for the frame-pointer
+/// unwinder; tail jumps leave no frame). The comparison is unsigned: the
+/// slow path takes size >= countdown, including the absurd sizes (>= 2^63)
+/// that must fail in the real function without wrapping the countdown (which
+/// tracer.rs keeps non-negative).
+macro_rules! countdown_entry {
+    ($(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty, size = $size:literal, real = $real:path, slow = $slow:path) => {
+        $(#[$doc])*
+        #[cfg_attr(not(test), unsafe(no_mangle))]
+        #[unsafe(naked)]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
+            core::arch::naked_asm!(
+                // The countdown is the first field of Tls (asserted in
+                // tracer.rs), at the thread pointer plus this offset.
+                "mov rax, qword ptr [rip + mtrace_rs_tls@GOTTPOFF]",
+                "mov rcx, qword ptr fs:[rax]",
+                concat!("sub rcx, ", $size),
+                "jbe 2f",
+                "mov qword ptr fs:[rax], rcx",
+                "jmp qword ptr [rip + {real}]",
+                "2:",
+                "jmp {slow}",
+                real = sym $real,
+                slow = sym $slow,
+            )
+        }
+    };
+}
+
+countdown_entry! {
+    /// # Safety
+    /// As C's `malloc`.
+    malloc(size: usize) -> *mut c_void, size = "rdi", real = real::MALLOC, slow = malloc_slow
 }
 
 #[cold]
@@ -170,8 +182,33 @@ unsafe extern "C" fn malloc_slow(size: usize) -> *mut c_void {
 
 /// # Safety
 /// As C's `calloc`.
+///
+/// Hot path as malloc's, after the multiplication: an overflow goes to the
+/// slow path, which hands it to the real calloc to fail.
 #[cfg_attr(not(test), unsafe(no_mangle))]
+#[unsafe(naked)]
 pub unsafe extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
+    core::arch::naked_asm!(
+        "mov rax, rdi",
+        "mul rsi",
+        "jo 2f",
+        "mov rcx, qword ptr [rip + mtrace_rs_tls@GOTTPOFF]",
+        "mov rdx, qword ptr fs:[rcx]",
+        "sub rdx, rax",
+        "jbe 2f",
+        "mov qword ptr fs:[rcx], rdx",
+        "jmp qword ptr [rip + {real}]",
+        "2:",
+        "jmp {slow}",
+        real = sym real::CALLOC,
+        slow = sym calloc_checked,
+    )
+}
+
+/// calloc's slow path, entered with calloc's arguments untouched.
+#[cold]
+#[inline(never)]
+unsafe extern "C" fn calloc_checked(n: usize, size: usize) -> *mut c_void {
     let Some(total) = n.checked_mul(size) else {
         // SAFETY: the real calloc reports the overflow (NULL, ENOMEM).
         return unsafe { real::calloc(n, size) };
@@ -248,8 +285,35 @@ unsafe extern "C" fn free_slow(p: *mut c_void) {
 
 /// # Safety
 /// As C's `realloc`.
+///
+/// Hot path: free's pointer test, then malloc's countdown; NULL, a candidate
+/// for a sampled block, and a reached sample point go to the slow path. A
+/// zero size leaves the countdown as it was, and the real realloc frees an
+/// ordinary block just as the slow path would.
 #[cfg_attr(not(test), unsafe(no_mangle))]
+#[unsafe(naked)]
 pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
+    core::arch::naked_asm!(
+        "test qword ptr [rip + {mask}], rdi",
+        "jz 2f",
+        "mov rax, qword ptr [rip + mtrace_rs_tls@GOTTPOFF]",
+        "mov rcx, qword ptr fs:[rax]",
+        "sub rcx, rsi",
+        "jbe 2f",
+        "mov qword ptr fs:[rax], rcx",
+        "jmp qword ptr [rip + {real}]",
+        "2:",
+        "jmp {slow}",
+        mask = sym FREE_MASK,
+        real = sym real::REALLOC,
+        slow = sym realloc_checked,
+    )
+}
+
+/// realloc's slow path, entered with realloc's arguments untouched.
+#[cold]
+#[inline(never)]
+unsafe extern "C" fn realloc_checked(p: *mut c_void, size: usize) -> *mut c_void {
     if p.is_null() {
         // SAFETY: realloc(NULL, n) is malloc(n).
         return unsafe { malloc(size) };
@@ -435,10 +499,20 @@ fn aligned_slow(
     })
 }
 
+countdown_entry! {
 /// # Safety
 /// As C's `posix_memalign`.
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> c_int {
+    posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> c_int, size = "rdx", real = real::POSIX_MEMALIGN, slow = posix_memalign_checked
+}
+
+/// posix_memalign's slow path, entered with its arguments untouched.
+#[cold]
+#[inline(never)]
+unsafe extern "C" fn posix_memalign_checked(
+    out: *mut *mut c_void,
+    align: usize,
+    size: usize,
+) -> c_int {
     if countdown_ok(size) {
         // SAFETY: forwarding.
         return unsafe { real::posix_memalign(out, align, size) };
@@ -463,10 +537,16 @@ pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, siz
     rc
 }
 
+countdown_entry! {
 /// # Safety
 /// As C's `aligned_alloc`.
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
+    aligned_alloc(align: usize, size: usize) -> *mut c_void, size = "rsi", real = real::ALIGNED_ALLOC, slow = aligned_alloc_checked
+}
+
+/// aligned_alloc's slow path, entered with its arguments untouched.
+#[cold]
+#[inline(never)]
+unsafe extern "C" fn aligned_alloc_checked(align: usize, size: usize) -> *mut c_void {
     if countdown_ok(size) {
         // SAFETY: forwarding.
         return unsafe { real::aligned_alloc(align, size) };
@@ -477,10 +557,16 @@ pub unsafe extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void
     })
 }
 
+countdown_entry! {
 /// # Safety
 /// As glibc's `memalign`.
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
+    memalign(align: usize, size: usize) -> *mut c_void, size = "rsi", real = real::MEMALIGN, slow = memalign_checked
+}
+
+/// memalign's slow path, entered with its arguments untouched.
+#[cold]
+#[inline(never)]
+unsafe extern "C" fn memalign_checked(align: usize, size: usize) -> *mut c_void {
     if countdown_ok(size) {
         // SAFETY: forwarding.
         return unsafe { real::memalign(align, size) };
@@ -491,10 +577,16 @@ pub unsafe extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
     })
 }
 
+countdown_entry! {
 /// # Safety
 /// As glibc's `valloc`.
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn valloc(size: usize) -> *mut c_void {
+    valloc(size: usize) -> *mut c_void, size = "rdi", real = real::VALLOC, slow = valloc_checked
+}
+
+/// valloc's slow path, entered with its arguments untouched.
+#[cold]
+#[inline(never)]
+unsafe extern "C" fn valloc_checked(size: usize) -> *mut c_void {
     if countdown_ok(size) {
         // SAFETY: forwarding.
         return unsafe { real::valloc(size) };
@@ -506,10 +598,16 @@ pub unsafe extern "C" fn valloc(size: usize) -> *mut c_void {
     })
 }
 
+countdown_entry! {
 /// # Safety
 /// As glibc's `pvalloc`.
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn pvalloc(size: usize) -> *mut c_void {
+    pvalloc(size: usize) -> *mut c_void, size = "rdi", real = real::PVALLOC, slow = pvalloc_checked
+}
+
+/// pvalloc's slow path, entered with its arguments untouched.
+#[cold]
+#[inline(never)]
+unsafe extern "C" fn pvalloc_checked(size: usize) -> *mut c_void {
     if countdown_ok(size) {
         // SAFETY: forwarding.
         return unsafe { real::pvalloc(size) };
