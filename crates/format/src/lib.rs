@@ -785,6 +785,7 @@ const FAST_WINDOW: usize = 48;
 /// Eight bytes are loaded at once; the first byte without its high bit
 /// ends the varint, and the 7-bit groups before it are packed together
 /// with shifts and masks: no branch depends on the length.
+#[cfg(not(target_arch = "x86_64"))]
 #[inline(always)]
 fn uv_fast(w: &[u8; FAST_WINDOW], i: &mut usize) -> Option<u64> {
     let at = *i;
@@ -807,6 +808,194 @@ fn uv_fast(w: &[u8; FAST_WINDOW], i: &mut usize) -> Option<u64> {
     let x = (x & 0x0000_3fff_0000_3fff) | ((x & 0x3fff_0000_3fff_0000) >> 2);
     let x = (x & 0x0000_0000_0fff_ffff) | ((x & 0x0fff_ffff_0000_0000) >> 4);
     Some(x)
+}
+
+/// Bit `k` set when byte `k` of the window ends a varint (its high bit is
+/// clear): three SSE2 byte-mask moves, so that the ends of all the varints
+/// of a record are known at once instead of one after the other.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn varint_ends(w: &[u8; FAST_WINDOW]) -> u64 {
+    use core::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_movemask_epi8};
+    const _: () = assert!(FAST_WINDOW == 48);
+    // SAFETY: SSE2 is part of x86-64; the three unaligned 16-byte loads
+    // read exactly the window's 48 bytes.
+    let high = unsafe {
+        let p = w.as_ptr() as *const __m128i;
+        let a = _mm_movemask_epi8(_mm_loadu_si128(p)) as u32 as u64;
+        let b = _mm_movemask_epi8(_mm_loadu_si128(p.add(1))) as u32 as u64;
+        let c = _mm_movemask_epi8(_mm_loadu_si128(p.add(2))) as u32 as u64;
+        a | (b << 16) | (c << 32)
+    };
+    !high & 0xffff_ffff_ffff
+}
+
+/// The varint that starts at `start` and ends at `end` (at most 8 bytes
+/// long), its 7-bit groups packed: with BMI2's `pext` when `PEXT`, else by
+/// shifts and masks.
+#[inline(always)]
+fn varint_at<const PEXT: bool>(w: &[u8; FAST_WINDOW], start: usize, end: usize) -> u64 {
+    let bytes: [u8; 8] = match w.get(start..start + 8) {
+        Some(b) => b.try_into().expect("8 bytes"),
+        None => return 0,
+    };
+    let word = u64::from_le_bytes(bytes);
+    let bits = ((end + 1 - start) * 8) as u32; // 8..=64
+    #[cfg(target_arch = "x86_64")]
+    if PEXT {
+        // SAFETY: only instantiated with PEXT from code compiled for BMI2
+        // (fast_events_bmi2).
+        return unsafe {
+            use core::arch::x86_64::{_bzhi_u64, _pext_u64};
+            _pext_u64(word, _bzhi_u64(0x7f7f_7f7f_7f7f_7f7f, bits))
+        };
+    }
+    let x = if bits >= 64 {
+        word
+    } else {
+        word & ((1u64 << bits) - 1)
+    } & 0x7f7f_7f7f_7f7f_7f7f;
+    let x = (x & 0x007f_007f_007f_007f) | ((x & 0x7f00_7f00_7f00_7f00) >> 1);
+    let x = (x & 0x0000_3fff_0000_3fff) | ((x & 0x3fff_0000_3fff_0000) >> 2);
+    (x & 0x0000_0000_0fff_ffff) | ((x & 0x0fff_ffff_0000_0000) >> 4)
+}
+
+/// True when `pext` is there and fast: BMI2 on Intel, or on an AMD CPU
+/// with AVX-512 (Zen 4 and later; Zen 1 and 2 run `pext` in microcode,
+/// slower than the shifts it replaces). Asked once.
+#[cfg(target_arch = "x86_64")]
+fn fast_pext() -> bool {
+    use std::sync::OnceLock;
+    static FAST: OnceLock<bool> = OnceLock::new();
+    *FAST.get_or_init(|| {
+        if !std::arch::is_x86_feature_detected!("bmi2") {
+            return false;
+        }
+        let id = core::arch::x86_64::__cpuid(0);
+        let intel = (id.ebx, id.edx, id.ecx) == (0x756e_6547, 0x4965_6e69, 0x6c65_746e);
+        intel || std::arch::is_x86_feature_detected!("avx512f")
+    })
+}
+
+/// Where the fast event loop is in the buffer and the stream.
+struct FastState {
+    pos: usize,
+    ts: u64,
+    addr: u64,
+    n: u64,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "bmi1,bmi2")]
+unsafe fn fast_events_bmi2(buf: &[u8], st: &mut FastState, events: &mut Vec<Event>, max: usize) {
+    fast_events_with::<true>(buf, st, events, max)
+}
+
+/// The loop of [`Decoder::fast_events`]; `PEXT` packs varints with `pext`
+/// (only from [`fast_events_bmi2`]).
+///
+/// On x86-64 the ends of a record's varints come from one byte mask of the
+/// window ([`varint_ends`]); a record with a varint longer than 8 bytes, or
+/// not wholly in the window, is left to the general parser.
+#[inline(always)]
+fn fast_events_with<const PEXT: bool>(
+    buf: &[u8],
+    st: &mut FastState,
+    events: &mut Vec<Event>,
+    max: usize,
+) {
+    let mut pos = st.pos;
+    let mut ts = st.ts;
+    let mut addr = st.addr;
+    let mut n = 0u64;
+    while events.len() < max {
+        let Some(w) = buf.get(pos..pos + FAST_WINDOW) else {
+            break;
+        };
+        let w: &[u8; FAST_WINDOW] = w.try_into().expect("a window of FAST_WINDOW bytes");
+        let kind = match w[0] {
+            tag::ALLOC => EventKind::Alloc,
+            tag::SAMPLE => EventKind::Sample,
+            tag::FREE => EventKind::Free,
+            _ => break,
+        };
+        let Some((dt, da, size, stack, len)) = event_fields::<PEXT>(w, kind == EventKind::Free)
+        else {
+            break;
+        };
+        ts = ts.wrapping_add(unzig(dt) as u64);
+        addr = addr.wrapping_add(unzig(da) as u64);
+        events.push(Event {
+            ts,
+            addr,
+            size,
+            stack,
+            kind,
+        });
+        pos += len;
+        n += 1;
+    }
+    st.pos = pos;
+    st.ts = ts;
+    st.addr = addr;
+    st.n += n;
+}
+
+/// The varints of the event record at the start of `w` (two for a free,
+/// four otherwise) and the record's length; `None` when one is longer than
+/// 8 bytes or runs past the window.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn event_fields<const PEXT: bool>(
+    w: &[u8; FAST_WINDOW],
+    free: bool,
+) -> Option<(u64, u64, u64, u64, usize)> {
+    // Byte 0 is the tag; the varints' last bytes are the set bits after it.
+    let m0 = varint_ends(w) & !1;
+    let e0 = m0.trailing_zeros() as usize;
+    let m1 = m0 & m0.wrapping_sub(1);
+    let e1 = m1.trailing_zeros() as usize;
+    let (e2, e3) = if free {
+        (e1, e1)
+    } else {
+        let m2 = m1 & m1.wrapping_sub(1);
+        let m3 = m2 & m2.wrapping_sub(1);
+        (m2.trailing_zeros() as usize, m3.trailing_zeros() as usize)
+    };
+    // No end in the window: trailing_zeros is 64. Each varint at most 8
+    // bytes: the general parser judges longer ones.
+    if e3 >= 64 || e0 > 8 || e1 - e0 > 8 || e2 - e1 > 8 || e3 - e2 > 8 {
+        return None;
+    }
+    let dt = varint_at::<PEXT>(w, 1, e0);
+    let da = varint_at::<PEXT>(w, e0 + 1, e1);
+    let (size, stack) = if free {
+        (0, 0)
+    } else {
+        (
+            varint_at::<PEXT>(w, e1 + 1, e2),
+            varint_at::<PEXT>(w, e2 + 1, e3),
+        )
+    };
+    Some((dt, da, size, stack, e3 + 1))
+}
+
+/// As the x86-64 version, one varint after the other.
+#[cfg(not(target_arch = "x86_64"))]
+#[inline(always)]
+fn event_fields<const PEXT: bool>(
+    w: &[u8; FAST_WINDOW],
+    free: bool,
+) -> Option<(u64, u64, u64, u64, usize)> {
+    let mut i = 1;
+    let dt = uv_fast(w, &mut i)?;
+    let da = uv_fast(w, &mut i)?;
+    let (size, stack) = if free {
+        (0, 0)
+    } else {
+        (uv_fast(w, &mut i)?, uv_fast(w, &mut i)?)
+    };
+    Some((dt, da, size, stack, i))
 }
 
 /// A streaming decoder: reads the header, then yields records one by one from
@@ -1011,53 +1200,26 @@ impl<R: Read> Decoder<R> {
     /// would have to reject (the general parser then says why), or when
     /// `events` holds `max`.
     fn fast_events(&mut self, events: &mut Vec<Event>, max: usize) {
-        let buf = &self.buf[..];
-        let mut pos = self.pos;
-        let mut ts = self.last_ts;
-        let mut addr = self.last_addr;
-        let mut n = 0u64;
         events.reserve(max.saturating_sub(events.len()));
-        while events.len() < max {
-            let Some(w) = buf.get(pos..pos + FAST_WINDOW) else {
-                break;
-            };
-            let w: &[u8; FAST_WINDOW] = w.try_into().expect("a window of FAST_WINDOW bytes");
-            let kind = match w[0] {
-                tag::ALLOC => EventKind::Alloc,
-                tag::SAMPLE => EventKind::Sample,
-                tag::FREE => EventKind::Free,
-                _ => break,
-            };
-            let mut i = 1;
-            let Some(dt) = uv_fast(w, &mut i) else { break };
-            let Some(da) = uv_fast(w, &mut i) else { break };
-            let (size, stack) = if kind == EventKind::Free {
-                (0, 0)
-            } else {
-                let Some(size) = uv_fast(w, &mut i) else {
-                    break;
-                };
-                let Some(stack) = uv_fast(w, &mut i) else {
-                    break;
-                };
-                (size, stack)
-            };
-            ts = ts.wrapping_add(unzig(dt) as u64);
-            addr = addr.wrapping_add(unzig(da) as u64);
-            events.push(Event {
-                ts,
-                addr,
-                size,
-                stack,
-                kind,
-            });
-            pos += i;
-            n += 1;
+        let mut st = FastState {
+            pos: self.pos,
+            ts: self.last_ts,
+            addr: self.last_addr,
+            n: 0,
+        };
+        #[cfg(target_arch = "x86_64")]
+        if fast_pext() {
+            // SAFETY: the CPU has BMI2 (checked by fast_pext).
+            unsafe { fast_events_bmi2(&self.buf, &mut st, events, max) };
+        } else {
+            fast_events_with::<false>(&self.buf, &mut st, events, max);
         }
-        self.pos = pos;
-        self.last_ts = ts;
-        self.last_addr = addr;
-        self.records += n;
+        #[cfg(not(target_arch = "x86_64"))]
+        fast_events_with::<false>(&self.buf, &mut st, events, max);
+        self.pos = st.pos;
+        self.last_ts = st.ts;
+        self.last_addr = st.addr;
+        self.records += st.n;
     }
 
     fn end_of_stream(&mut self) -> Result<Option<Record>, DecodeError> {
@@ -1694,27 +1856,54 @@ mod tests {
     }
 
     #[test]
-    fn the_fast_varint_reader_agrees_with_the_general_one() {
+    fn the_fast_event_reader_agrees_with_the_general_one() {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "bmi1,bmi2")]
+        unsafe fn fields_pext(
+            w: &[u8; FAST_WINDOW],
+            free: bool,
+        ) -> Option<(u64, u64, u64, u64, usize)> {
+            event_fields::<true>(w, free)
+        }
         let mut values = vec![0u64, 1, 127, 128, 300, u64::MAX, u64::MAX - 1];
         for shift in 0..64 {
             values.push(1u64 << shift);
             values.push((1u64 << shift) - 1);
             values.push((1u64 << shift).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         }
-        for v in values {
-            let mut bytes = Vec::new();
-            put_uv(&mut bytes, v);
-            let n = bytes.len();
-            bytes.resize(FAST_WINDOW, 0xff);
-            let w: &[u8; FAST_WINDOW] = bytes[..].try_into().unwrap();
-            let mut i = 0;
-            match uv_fast(w, &mut i) {
-                Some(got) => {
-                    assert_eq!((got, i), (v, n), "{v:#x}");
+        let mut checked = 0;
+        for (k, &v) in values.iter().enumerate() {
+            let other = values[(k * 7 + 3) % values.len()];
+            for (free, fields) in [(true, vec![v, other]), (false, vec![other, 5, v, other])] {
+                let mut bytes = vec![tag::ALLOC];
+                for &f in &fields {
+                    put_uv(&mut bytes, f);
                 }
-                None => assert!(n > 8, "{v:#x} takes {n} bytes"),
+                let n = bytes.len();
+                let longest = fields.iter().map(|&f| uv_len(f)).max().unwrap();
+                bytes.resize(FAST_WINDOW, 0xff);
+                let w: &[u8; FAST_WINDOW] = bytes[..].try_into().unwrap();
+                let want = (longest <= 8).then(|| {
+                    let mut f = fields.clone();
+                    f.resize(4, 0);
+                    (f[0], f[1], f[2], f[3], n)
+                });
+                assert_eq!(event_fields::<false>(w, free), want, "{fields:x?}");
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("bmi2") {
+                    // SAFETY: the CPU has BMI1 and BMI2.
+                    assert_eq!(unsafe { fields_pext(w, free) }, want, "{fields:x?}");
+                }
+                checked += 1;
             }
         }
+        assert!(checked > 300);
+    }
+
+    fn uv_len(v: u64) -> usize {
+        let mut b = Vec::new();
+        put_uv(&mut b, v);
+        b.len()
     }
 
     #[test]
