@@ -110,6 +110,41 @@ pub struct LiveBlock {
     pub sampled: bool,
 }
 
+/// A [`LiveBlock`] as the shards keep it: 24 bytes, so that an address's
+/// entry in the live map (key and block) is 32 and two share a cache line
+/// without straddling one (a 40-byte entry straddled two lines in three of
+/// eight buckets). The sampled flag is the size's top bit; a size of 2^63
+/// bytes or more (only a damaged trace has one) is kept as 2^63 - 1.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Slot {
+    ts: u64,
+    size_sampled: u64,
+    stack: u64,
+}
+
+const SAMPLED_BIT: u64 = 1 << 63;
+
+impl Slot {
+    #[inline(always)]
+    fn of(ts: u64, size: u64, stack: u64, sampled: bool) -> Slot {
+        Slot {
+            ts,
+            size_sampled: size.min(SAMPLED_BIT - 1) | if sampled { SAMPLED_BIT } else { 0 },
+            stack,
+        }
+    }
+
+    #[inline(always)]
+    fn block(self) -> LiveBlock {
+        LiveBlock {
+            ts: self.ts,
+            size: self.size_sampled & !SAMPLED_BIT,
+            stack: self.stack,
+            sampled: self.size_sampled & SAMPLED_BIT != 0,
+        }
+    }
+}
+
 /// Sums of recorded blocks once sampling is undone: one stack's or one
 /// group's share of a snapshot.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -399,14 +434,18 @@ impl Trace {
     }
 
     /// The blocks live now, in no particular order.
-    pub fn live_blocks(&self) -> impl Iterator<Item = &LiveBlock> + '_ {
-        self.shards.iter().flat_map(|s| s.live.values())
+    pub fn live_blocks(&self) -> impl Iterator<Item = LiveBlock> + '_ {
+        self.shards
+            .iter()
+            .flat_map(|s| s.live.values().map(|v| v.block()))
     }
 
     /// The blocks live now with their addresses, in no particular order
     /// (the leak check matches them against the SCAN record).
-    pub fn live_blocks_at(&self) -> impl Iterator<Item = (u64, &LiveBlock)> + '_ {
-        self.shards.iter().flat_map(|s| s.live.iter())
+    pub fn live_blocks_at(&self) -> impl Iterator<Item = (u64, LiveBlock)> + '_ {
+        self.shards
+            .iter()
+            .flat_map(|s| s.live.iter().map(|(a, v)| (a, v.block())))
     }
 
     /// Fills in what is summed while reading ([`Trace::allocated`]); the
@@ -516,13 +555,13 @@ impl Trace {
         }
         match o {
             Outcome::Born => self.born(&block),
-            Outcome::Died(old) => self.died(&old, e.ts),
+            Outcome::Died(old) => self.died(&old.block(), e.ts),
             Outcome::Replaced(old) => {
                 // The older block's free never arrived (lost, or dropped by
                 // the tracer): the new block replaces it, and it counts as
                 // freed when the new one came.
                 self.lost_frees += 1;
-                self.died(&old, e.ts);
+                self.died(&old.block(), e.ts);
                 self.born(&block);
             }
             Outcome::Late(ts) => {
@@ -547,7 +586,7 @@ impl Trace {
         for b in self.live_blocks().filter(|b| b.ts <= snap.at) {
             out.entry(b.stack)
                 .or_default()
-                .add_block(b, rate, snap.born_after);
+                .add_block(&b, rate, snap.born_after);
         }
         out
     }
@@ -557,7 +596,7 @@ impl Trace {
         let rate = self.header.sample_rate;
         let mut out: FxHashMap<u64, SnapSums> = FxHashMap::default();
         for b in self.live_blocks() {
-            out.entry(b.stack).or_default().add_block(b, rate, None);
+            out.entry(b.stack).or_default().add_block(&b, rate, None);
         }
         out
     }
@@ -760,9 +799,9 @@ enum Outcome {
     /// An allocation became the address's live block.
     Born,
     /// A free ended this live block.
-    Died(LiveBlock),
+    Died(Slot),
     /// An allocation replaced this older live block, whose free was lost.
-    Replaced(LiveBlock),
+    Replaced(Slot),
     /// An allocation older than the address's latest event, at this time:
     /// the block was born and died before it.
     Late(u64),
@@ -777,7 +816,7 @@ enum Outcome {
 struct Shard {
     /// Per address, its latest event when that was an allocation: the
     /// block, live (or so it seems: its free may still arrive).
-    live: AddrMap<LiveBlock>,
+    live: AddrMap<Slot>,
     /// Per address, its latest event when that was a free: when (the
     /// tombstone). An address in `live` may keep a stale entry here (it
     /// saves a removal per allocation): `live` comes first.
@@ -840,12 +879,7 @@ impl Shard {
             EventKind::Free => self.free(e.addr, e.ts),
             kind => self.alloc(
                 e.addr,
-                LiveBlock {
-                    ts: e.ts,
-                    size: e.size,
-                    stack: e.stack,
-                    sampled: kind == EventKind::Sample,
-                },
+                Slot::of(e.ts, e.size, e.stack, kind == EventKind::Sample),
             ),
         }
     }
@@ -898,7 +932,7 @@ impl Shard {
     }
 
     #[inline(always)]
-    fn alloc(&mut self, addr: u64, block: LiveBlock) -> Outcome {
+    fn alloc(&mut self, addr: u64, block: Slot) -> Outcome {
         let dead = &self.dead;
         let dead_max_ts = self.dead_max_ts;
         self.live.update(
@@ -1002,36 +1036,12 @@ struct Plan {
 }
 
 impl Plan {
-    /// Plans `batch` from `clock` (the time after the batch before).
+    /// Plans `batch` from `clock` (the time after the batch before), in one
+    /// pass over its events.
     fn make(&mut self, batch: &Batch, clock: Clock, split: u8) {
         let events = &batch.events;
         let n = events.len();
         self.sweeps.clear();
-        let mut c = clock;
-        let mut see = |ts: u64, at: usize, sweeps: &mut Vec<(u32, u64)>| {
-            if ts > c.last_ts {
-                c.last_ts = ts;
-            }
-            if c.last_ts - c.last_sweep_ts >= SWEEP_INTERVAL_NS {
-                c.last_sweep_ts = c.last_ts;
-                sweeps.push((at as u32, c.last_ts));
-            }
-        };
-        let mut done = 0;
-        for (at, rec) in &batch.records {
-            let at = (*at).clamp(done, n);
-            for (k, e) in events[done..at].iter().enumerate() {
-                see(e.ts, done + k, &mut self.sweeps);
-            }
-            done = at;
-            if let Some(ts) = record_ts(rec) {
-                see(ts, at, &mut self.sweeps);
-            }
-        }
-        for (k, e) in events[done..].iter().enumerate() {
-            see(e.ts, done + k, &mut self.sweeps);
-        }
-        self.clock = c;
         // Both lists written for every event, the right one advanced: no
         // branch to mispredict.
         for list in &mut self.shard {
@@ -1039,17 +1049,43 @@ impl Plan {
             list.resize(n, 0);
         }
         let (zero, one) = self.shard.split_at_mut(1);
-        let (zero, one) = (&mut zero[0], &mut one[0]);
+        let (zero, one) = (&mut zero[0][..], &mut one[0][..]);
+        let sweeps = &mut self.sweeps;
+        let mut c = clock;
+        // The time moves on to `ts` before the event (or record) at `at`;
+        // a sweep falls there when it moved a sweep interval on. (The
+        // interval can only be crossed when the time moves.)
+        let mut see = |ts: u64, at: usize| {
+            if ts > c.last_ts {
+                c.last_ts = ts;
+                if ts - c.last_sweep_ts >= SWEEP_INTERVAL_NS {
+                    c.last_sweep_ts = ts;
+                    sweeps.push((at as u32, ts));
+                }
+            }
+        };
         let (mut a, mut b) = (0usize, 0usize);
-        for (k, e) in events.iter().enumerate() {
-            let h = usize::from(helper_owns(e.addr, split));
-            zero[a] = k as u32;
-            one[b] = k as u32;
-            a += 1 - h;
-            b += h;
+        let mut done = 0;
+        let records = batch.records.iter().map(|(at, rec)| (*at, record_ts(rec)));
+        for (at, ts) in records.chain(std::iter::once((n, None))) {
+            let at = at.clamp(done, n);
+            for (k, e) in events[done..at].iter().enumerate() {
+                let k = done + k;
+                see(e.ts, k);
+                let h = usize::from(helper_owns(e.addr, split));
+                zero[a] = k as u32;
+                one[b] = k as u32;
+                a += 1 - h;
+                b += h;
+            }
+            done = at;
+            if let Some(ts) = ts {
+                see(ts, at);
+            }
         }
-        zero.truncate(a);
-        one.truncate(b);
+        self.clock = c;
+        self.shard[0].truncate(a);
+        self.shard[1].truncate(b);
     }
 }
 
@@ -1458,7 +1494,7 @@ mod tests {
 
     /// Everything a report reads from a trace, in a comparable form.
     fn summary(t: &Trace) -> String {
-        let mut live: Vec<(u64, LiveBlock)> = t.live_blocks_at().map(|(a, b)| (a, *b)).collect();
+        let mut live: Vec<(u64, LiveBlock)> = t.live_blocks_at().collect();
         live.sort_by_key(|&(a, b)| (a, b.ts));
         let mut allocated: Vec<_> = t.allocated.iter().collect();
         allocated.sort_by(|a, b| a.0.cmp(b.0));

@@ -528,7 +528,7 @@ pub fn check_trace(
             per[reach_index(reach)]
                 .entry(b.stack)
                 .or_default()
-                .add(&Sums::of(b, rate));
+                .add(&Sums::of(&b, rate));
         }
     }
     if let Some(s) = scan {

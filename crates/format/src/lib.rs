@@ -907,8 +907,13 @@ fn fast_events_with<const PEXT: bool>(
     let mut pos = st.pos;
     let mut ts = st.ts;
     let mut addr = st.addr;
-    let mut n = 0u64;
-    while events.len() < max {
+    let had = events.len();
+    // Written straight into the spare capacity: no capacity check per event.
+    let room = max.saturating_sub(had);
+    let spare = events.spare_capacity_mut();
+    let room = room.min(spare.len());
+    let mut n = 0usize;
+    while n < room {
         let Some(w) = buf.get(pos..pos + FAST_WINDOW) else {
             break;
         };
@@ -925,7 +930,7 @@ fn fast_events_with<const PEXT: bool>(
         };
         ts = ts.wrapping_add(unzig(dt) as u64);
         addr = addr.wrapping_add(unzig(da) as u64);
-        events.push(Event {
+        spare[n].write(Event {
             ts,
             addr,
             size,
@@ -935,10 +940,12 @@ fn fast_events_with<const PEXT: bool>(
         pos += len;
         n += 1;
     }
+    // SAFETY: the first `n` spare slots were just written.
+    unsafe { events.set_len(had + n) };
     st.pos = pos;
     st.ts = ts;
     st.addr = addr;
-    st.n += n;
+    st.n += n as u64;
 }
 
 /// The varints of the event record at the start of `w` (two for a free,
