@@ -26,6 +26,7 @@ import threading
 import time
 
 MODES = ["bare", "floor", "sampled", "exact", "heaptrack"]
+LIGHT_MODES = ["bare", "floor", "sampled"]
 MODE_LABEL = {
     "bare": "bare",
     "floor": "floor (forward only)",
@@ -338,6 +339,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int)
+    ap.add_argument("--light-reps", type=int,
+                    help="extra rounds of bare, floor and sampled only, for workloads of at "
+                         "most 2 s bare (default: twice --reps)")
     ap.add_argument("--only", help="comma-separated workload names")
     ap.add_argument("--bin", help="directory of the compiled benchmarks")
     ap.add_argument("--tmp", help="scratch directory for traces and inputs")
@@ -378,6 +382,7 @@ def main():
 
     quick = a.quick
     reps = a.reps or 3
+    light_reps = a.light_reps if a.light_reps is not None else 2 * reps
     bin_dir, tmp = a.bin, a.tmp
     os.makedirs(a.out, exist_ok=True)
     log_path = os.path.join(a.out, "latest.log")
@@ -456,8 +461,19 @@ def main():
             wl["modes"][mode] = {"runs": []}
         if not heaptrack:
             skip["heaptrack"] = "n/a (heaptrack not installed)"
-        for rep in range(reps):
-            order = MODES[rep % len(MODES):] + MODES[:rep % len(MODES)]
+        for rep in range(reps + light_reps):
+            if rep < reps:
+                modes = MODES
+            else:
+                # The cheap modes again, where a few percent is the question
+                # and the machine's noise is as large: more pairs with a bare
+                # run of the same round.
+                bare_walls = [r["wall_s"] for r in wl["modes"]["bare"]["runs"]
+                              if "error" not in r]
+                if not bare_walls or statistics.median(bare_walls) > 2.0:
+                    break
+                modes = LIGHT_MODES
+            order = modes[rep % len(modes):] + modes[:rep % len(modes)]
             if rep % 2:
                 order.reverse()
             if rep == 0:
@@ -514,27 +530,32 @@ def main():
                     shutil.rmtree(run_dir, ignore_errors=True)
         summarize_workload(wl)
 
-    # Analyzer comparison on the churn workload's traces.
+    # Analyzer comparison on the churn workload's traces, the two tools in
+    # alternation so that both see the same spells of a noisy machine.
     analysis = {}
+    tools = []
     if "exact" in kept:
         files = [os.path.join(kept["exact"], f) for f in sorted(os.listdir(kept["exact"]))]
-        log("== analyzer: mtrace-analyze --format json on %s" % fmt_bytes(dir_bytes(kept["exact"])))
-        runs = []
-        for rep in range(reps):
-            runs.append(run([a.analyzer, files[0], "--format", "json"], {}, 600, mem_cap_kb,
-                            log_path))
-            log("  rep %d %.3f s, %d MB" % (rep, runs[-1]["wall_s"], runs[-1]["peak_rss_kb"] // 1024))
-        ev = results["churn"]["modes"]["exact"].get("events")
-        analysis["mtrace-analyze"] = summarize_tool(runs, dir_bytes(kept["exact"]), ev)
+        tools.append(("mtrace-analyze", [a.analyzer, files[0], "--format", "json"], 600,
+                      reps, dir_bytes(kept["exact"])))
     if "heaptrack" in kept and heaptrack_print:
         files = [os.path.join(kept["heaptrack"], f) for f in sorted(os.listdir(kept["heaptrack"]))]
-        log("== analyzer: heaptrack_print on %s" % fmt_bytes(dir_bytes(kept["heaptrack"])))
-        runs = []
-        for rep in range(max(1, reps - 1)):
-            runs.append(run([heaptrack_print, files[0]], {}, 900, mem_cap_kb, log_path))
-            log("  rep %d %.3f s, %d MB" % (rep, runs[-1]["wall_s"], runs[-1]["peak_rss_kb"] // 1024))
-        ev = results["churn"]["modes"]["exact"].get("events")
-        analysis["heaptrack_print"] = summarize_tool(runs, dir_bytes(kept["heaptrack"]), ev)
+        tools.append(("heaptrack_print", [heaptrack_print, files[0]], 900, reps,
+                      dir_bytes(kept["heaptrack"])))
+    if tools:
+        log("== analyzers on the churn traces: " + ", ".join(
+            "%s on %s" % (t[0], fmt_bytes(t[4])) for t in tools))
+    tool_runs = {t[0]: [] for t in tools}
+    for rep in range(max([t[3] for t in tools] or [0])):
+        for tool, cmd, limit, n, _ in tools:
+            if rep < n:
+                r = run(cmd, {}, limit, mem_cap_kb, log_path)
+                tool_runs[tool].append(r)
+                log("  rep %d %-15s %.3f s, %d MB" % (rep, tool, r["wall_s"],
+                                                     r["peak_rss_kb"] // 1024))
+    ev = results.get("churn", {}).get("modes", {}).get("exact", {}).get("events")
+    for tool, _, _, _, size in tools:
+        analysis[tool] = summarize_tool(tool_runs[tool], size, ev)
     for d in kept.values():
         shutil.rmtree(d, ignore_errors=True)
 
@@ -622,6 +643,7 @@ def main():
         "command": a.command,
         "quick": quick,
         "reps": reps,
+        "light_reps": light_reps,
         "elapsed_s": elapsed,
         "machine": machine_info(),
         "tools": tool_versions(heaptrack, java, valgrind),
@@ -747,9 +769,11 @@ def markdown(rep):
     mi = rep["machine"]
     L = []
     L.append("Measured %s on %d cores (%s), %s, kernel %s, %s. "
-             "`%s`, %d repetitions per mode in rotating order, %.0f s in all."
+             "`%s`, %d repetitions per mode in rotating order, and %d more of bare, floor "
+             "and sampled alone for the workloads of at most 2 s bare; %.0f s in all."
              % (rep["date"], mi["nproc"], mi["cpu"], mi["memory"] + " RAM", mi["kernel"],
-                mi["glibc"], rep["command"], rep["reps"], rep["elapsed_s"]))
+                mi["glibc"], rep["command"], rep["reps"], rep.get("light_reps", 0),
+                rep["elapsed_s"]))
     L.append("")
     L.append("### Whole programs")
     L.append("")

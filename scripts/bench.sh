@@ -7,11 +7,15 @@
 # it to bench-out/latest.md, with the raw numbers in bench-out/latest.json
 # and the workloads' stderr in bench-out/latest.log.
 #
-#   scripts/bench.sh [--quick] [--reps N] [--only churn,gcc,...,callgrind]
+#   scripts/bench.sh [--quick] [--reps N] [--light-reps N]
+#                    [--only churn,gcc,...,callgrind]
 #                    [--no-big-trace] [--keep] [--update-benchmarks]
 #
 #   --quick              about a minute: smaller inputs, no gcc or java
 #   --reps N             repetitions per mode (default 3)
+#   --light-reps N       then N more rounds of bare, floor and sampled alone, for
+#                        the workloads of at most 2 s bare (default 2 x reps):
+#                        their differences are a few percent, as is the noise
 #   --only LIST          run only these workloads: churn, microbench, gcc,
 #                        python, sort, java, callgrind
 #   --no-big-trace       skip tracing churn in exact mode into a file of >= 2 GB
@@ -28,7 +32,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
 
-quick=0 keep=0 update=0 big=1 reps="" only=""
+quick=0 keep=0 update=0 big=1 reps="" light="" only=""
 args=("$@")
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -37,8 +41,9 @@ while [ $# -gt 0 ]; do
         --no-big-trace) big=0 ;;
         --update-benchmarks) update=1 ;;
         --reps) reps="${2:?--reps needs a number}"; shift ;;
+        --light-reps) light="${2:?--light-reps needs a number}"; shift ;;
         --only) only="${2:?--only needs a list}"; shift ;;
-        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
     esac
     shift
@@ -117,6 +122,7 @@ py_args=(--bin "$bin" --tmp "$scratch" --out "$out" --lib "$lib" --analyzer "$an
          --command "$cmdline" --lib-shown "$lib_shown")
 [ "$quick" = 1 ] && py_args+=(--quick)
 [ -n "$reps" ] && py_args+=(--reps "$reps")
+[ -n "$light" ] && py_args+=(--light-reps "$light")
 [ -n "$only" ] && py_args+=(--only "$only")
 [ "$big" = 1 ] && [ "$quick" = 0 ] && [ -z "$only" ] && py_args+=(--big-trace)
 [ "$update" = 1 ] && py_args+=(--benchmarks-md "$root/BENCHMARKS.md")
