@@ -1225,6 +1225,20 @@ pub fn read_trace_with<R: Read + Send>(
     reader: R,
     snapshots: Vec<Snapshot>,
 ) -> Result<Trace, DecodeError> {
+    read_trace_watched(reader, snapshots, &mut |_| {})
+}
+
+/// Reads a whole trace like [`read_trace_with`], showing the trace read so
+/// far to `watch` after each batch of records (on this thread, between
+/// batches), so the caller can start work that needs only the start of the
+/// trace (the modules and the first stacks) while the rest is read. `watch`
+/// runs once per few thousand records: it should return at once when it
+/// has nothing to do.
+pub fn read_trace_watched<R: Read + Send>(
+    reader: R,
+    snapshots: Vec<Snapshot>,
+    watch: &mut dyn FnMut(&Trace),
+) -> Result<Trace, DecodeError> {
     /// Events per batch: a batch (40 bytes an event) stays well inside the
     /// second-level cache.
     const BATCH: usize = 8192;
@@ -1276,6 +1290,7 @@ pub fn read_trace_with<R: Read + Send>(
                     progress.show(offset);
                     trace.shards[0].run(&batch.events, &mut plan, 0);
                     trace.merge(&mut batch, &plan);
+                    watch(&trace);
                     // The decoder may have finished: then the batch is
                     // simply dropped.
                     let _ = back_tx.send((batch, plan));

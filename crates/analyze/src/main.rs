@@ -18,7 +18,7 @@ use std::str::FromStr;
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use mtrace_analyze::analysis::{read_trace_with, Snapshot, Trace, TraceEnding};
+use mtrace_analyze::analysis::{read_trace_watched, Snapshot, Trace, TraceEnding};
 use mtrace_analyze::check::{self, CheckOptions, Checker, EXIT_ERROR, EXIT_LEAKS};
 use mtrace_analyze::churn;
 use mtrace_analyze::diff;
@@ -29,7 +29,7 @@ use mtrace_analyze::report::{
     build_report, write_json, write_text, GroupBy, Moment, ReportOptions,
 };
 use mtrace_analyze::suppress::Suppressions;
-use mtrace_analyze::symbolize::{ElfSymbolizer, Symbolizer};
+use mtrace_analyze::symbolize::{ElfSymbolizer, Preloader, Symbolizer};
 use mtrace_analyze::timeline;
 use mtrace_analyze::timespec::{TimeSpec, TimeSpecError};
 
@@ -446,13 +446,45 @@ struct Unreadable;
 /// Reads a trace, with the snapshots asked for; an unreadable file is said
 /// on stderr.
 fn load(path: &Path, snapshots: Vec<Snapshot>) -> Result<Trace, Unreadable> {
+    load_preloading(path, snapshots, None).map(|(t, _)| t)
+}
+
+/// Reads a trace like [`load`]; with `debug_dirs`, also loads the debug info
+/// of the modules that its first stacks use while the rest is read, for
+/// [`new_symbolizer`].
+fn load_preloading(
+    path: &Path,
+    snapshots: Vec<Snapshot>,
+    debug_dirs: Option<&[PathBuf]>,
+) -> Result<(Trace, Option<Preloader>), Unreadable> {
     File::open(path)
         .map_err(|e| e.to_string())
-        .and_then(|f| read_trace_with(f, snapshots).map_err(|e| e.to_string()))
+        .and_then(|f| read_preloading(f, snapshots, debug_dirs).map_err(|e| e.to_string()))
         .map_err(|e| {
             eprintln!("mtrace-analyze: {}: {e}", path.display());
             Unreadable
         })
+}
+
+/// Reads a trace; with `debug_dirs`, starts a [`Preloader`] as soon as the
+/// trace read so far has modules and stacks, so that the modules they use
+/// are loaded by the time the reading ends.
+fn read_preloading(
+    file: File,
+    snapshots: Vec<Snapshot>,
+    debug_dirs: Option<&[PathBuf]>,
+) -> Result<(Trace, Option<Preloader>), mtrace_format::DecodeError> {
+    let mut preloader = None;
+    let mut watch = |t: &Trace| {
+        if let Some(dirs) = debug_dirs {
+            if preloader.is_none() && !t.modules.is_empty() && !t.stacks.is_empty() {
+                let returns = t.stacks.values().flat_map(|s| s.iter().copied()).collect();
+                preloader = Some(Preloader::start(&t.modules, returns, dirs.to_vec()));
+            }
+        }
+    };
+    let trace = read_trace_watched(file, snapshots, &mut watch)?;
+    Ok((trace, preloader))
 }
 
 /// Resolves moments against the trace at `path`, reading it once first
@@ -490,21 +522,30 @@ fn options(g: &Grouping) -> ReportOptions {
     }
 }
 
-fn symbolizer(trace: &Trace, g: &Grouping) -> ElfSymbolizer {
-    new_symbolizer(trace, g.debug_dir.clone())
+fn symbolizer(trace: &Trace, g: &Grouping, preloaded: Option<Preloader>) -> ElfSymbolizer {
+    new_symbolizer(trace, g.debug_dir.clone(), preloaded)
 }
 
-/// A symbolizer for `trace`: its modules, its CODE records, and the JVM's
-/// perf map `/tmp/perf-<pid>.map` when one exists (written by
-/// `jcmd PID Compiler.perfmap` or `-XX:+DumpPerfMapAtExit`).
-fn new_symbolizer(trace: &Trace, debug_dirs: Vec<std::path::PathBuf>) -> ElfSymbolizer {
+/// A symbolizer for `trace`: its modules (with those `preloaded` loaded),
+/// its CODE records, and the JVM's perf map `/tmp/perf-<pid>.map` when one
+/// exists (written by `jcmd PID Compiler.perfmap` or
+/// `-XX:+DumpPerfMapAtExit`).
+fn new_symbolizer(
+    trace: &Trace,
+    debug_dirs: Vec<std::path::PathBuf>,
+    preloaded: Option<Preloader>,
+) -> ElfSymbolizer {
     let perf_map = std::fs::read_to_string(format!("/tmp/perf-{}.map", trace.header.pid))
         .map(|t| mtrace_analyze::symbolize::read_perf_map(&t))
         .unwrap_or_default();
-    ElfSymbolizer::new(&trace.modules, debug_dirs)
+    let sym = ElfSymbolizer::new(&trace.modules, debug_dirs)
         .with_exe(trace.exe.as_deref())
         .with_code(&perf_map)
-        .with_code(&trace.code)
+        .with_code(&trace.code);
+    match preloaded {
+        Some(p) => sym.with_preloaded(p),
+        None => sym,
+    }
 }
 
 fn print_warnings(sym: &mut dyn Symbolizer) {
@@ -542,11 +583,12 @@ fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
     let path = args.trace.context("no trace file given")?;
     let shown = path.display().to_string();
     let mut opts = options(&args.grouping);
-    let Ok((trace, at)) = load_at(&path, args.at.as_ref()) else {
+    let Ok((trace, at, preloaded)) = load_at(&path, args.at.as_ref(), &args.grouping.debug_dir)
+    else {
         return Ok(ExitCode::from(2));
     };
     opts.at = at;
-    let mut sym = symbolizer(&trace, &args.grouping);
+    let mut sym = symbolizer(&trace, &args.grouping, preloaded);
     binary_needs_file(matches!(args.format, Format::Pprof), &args.output)?;
     let mut out = output(&args.output)?;
     match args.format {
@@ -574,20 +616,28 @@ fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
     Ok(finish(&[(&trace, &shown)]))
 }
 
-/// Loads a trace with a snapshot at `at`, if given: the trace and the
-/// resolved moment.
-fn load_at(path: &Path, at: Option<&TimeArg>) -> Result<(Trace, Option<Moment>), Unreadable> {
+/// Loads a trace with a snapshot at `at`, if given: the trace, the
+/// resolved moment, and the modules being loaded for its symbolizer (with
+/// `debug_dirs`).
+fn load_at(
+    path: &Path,
+    at: Option<&TimeArg>,
+    debug_dirs: &[PathBuf],
+) -> Result<(Trace, Option<Moment>, Option<Preloader>), Unreadable> {
     match at {
-        None => Ok((load(path, Vec::new())?, None)),
+        None => {
+            let (t, p) = load_preloading(path, Vec::new(), Some(debug_dirs))?;
+            Ok((t, None, p))
+        }
         Some(at) => {
             let ns = resolve(path, &[&at.spec])?[0];
-            let t = load(path, vec![Snapshot::new(ns, None)])?;
+            let (t, p) = load_preloading(path, vec![Snapshot::new(ns, None)], Some(debug_dirs))?;
             let m = Moment {
                 ns: ns.min(t.last_ts),
                 label: at.text.clone(),
                 snapshot: 0,
             };
-            Ok((t, Some(m)))
+            Ok((t, Some(m), p))
         }
     }
 }
@@ -602,10 +652,10 @@ fn flamegraph_cmd(args: FlameArgs) -> anyhow::Result<ExitCode> {
     if args.at.is_some() && metric != flame::Metric::Outstanding {
         bail!("--at applies to --metric outstanding only");
     }
-    let Ok((trace, at)) = load_at(&args.trace, args.at.as_ref()) else {
+    let Ok((trace, at, preloaded)) = load_at(&args.trace, args.at.as_ref(), &args.debug_dir) else {
         return Ok(ExitCode::from(2));
     };
-    let mut sym = new_symbolizer(&trace, args.debug_dir.clone());
+    let mut sym = new_symbolizer(&trace, args.debug_dir.clone(), preloaded);
     let lines = flame::folded(&trace, &mut sym, metric, at.as_ref().map(|m| m.snapshot));
     print_warnings(&mut sym);
     let exe = trace.exe.clone().unwrap_or_else(|| shown.clone());
@@ -688,7 +738,7 @@ fn churn_cmd(args: ChurnArgs) -> anyhow::Result<ExitCode> {
         ChurnSortArg::Bytes => churn::ChurnSort::Bytes,
         ChurnSortArg::ShortLived => churn::ChurnSort::ShortLived,
     };
-    let mut sym = symbolizer(&c.trace, &args.grouping);
+    let mut sym = symbolizer(&c.trace, &args.grouping, None);
     let report = churn::build_churn(&c, &shown, &mut sym, &opts, sort);
     print_warnings(&mut sym);
     let mut out = output(&args.output)?;
@@ -731,15 +781,19 @@ fn diff_cmd(args: DiffArgs) -> anyhow::Result<ExitCode> {
                 "--from and --to compare two moments of one trace; with two traces, give neither"
             );
         }
-        let (Ok(old), Ok(new)) = (load(old_path, Vec::new()), load(new_path, Vec::new())) else {
+        let dirs = Some(&args.grouping.debug_dir[..]);
+        let (Ok((old, old_pre)), Ok((new, new_pre))) = (
+            load_preloading(old_path, Vec::new(), dirs),
+            load_preloading(new_path, Vec::new(), dirs),
+        ) else {
             return Ok(ExitCode::from(2));
         };
         let (old_shown, new_shown) = (
             old_path.display().to_string(),
             new_path.display().to_string(),
         );
-        let mut old_sym = symbolizer(&old, &args.grouping);
-        let mut new_sym = symbolizer(&new, &args.grouping);
+        let mut old_sym = symbolizer(&old, &args.grouping, old_pre);
+        let mut new_sym = symbolizer(&new, &args.grouping, new_pre);
         report = diff::trace_diff(
             &old,
             &old_shown,
@@ -777,7 +831,8 @@ fn diff_cmd(args: DiffArgs) -> anyhow::Result<ExitCode> {
             );
         }
         let snaps = vec![Snapshot::new(t1, None), Snapshot::new(t2, Some(t1))];
-        let Ok(trace) = load(path, snaps) else {
+        let Ok((trace, preloaded)) = load_preloading(path, snaps, Some(&args.grouping.debug_dir))
+        else {
             return Ok(ExitCode::from(2));
         };
         let end_ns = trace.last_ts;
@@ -786,7 +841,7 @@ fn diff_cmd(args: DiffArgs) -> anyhow::Result<ExitCode> {
             label: a.text.clone(),
             snapshot: i,
         };
-        let mut sym = symbolizer(&trace, &args.grouping);
+        let mut sym = symbolizer(&trace, &args.grouping, preloaded);
         report = diff::window_diff(
             &trace,
             &shown,
@@ -866,12 +921,12 @@ fn check_files(files: &[PathBuf], o: &CheckOpts, opts: CheckOptions) -> anyhow::
     let mut warned = std::collections::HashSet::new();
     for path in files {
         let shown = path.display().to_string();
-        let read = File::open(path)
-            .map_err(|e| e.to_string())
-            .and_then(|f| read_trace_with(f, Vec::new()).map_err(|e| e.to_string()));
+        let read = File::open(path).map_err(|e| e.to_string()).and_then(|f| {
+            read_preloading(f, Vec::new(), Some(&o.debug_dir)).map_err(|e| e.to_string())
+        });
         match read {
-            Ok(trace) => {
-                let mut sym = new_symbolizer(&trace, o.debug_dir.clone());
+            Ok((trace, preloaded)) => {
+                let mut sym = new_symbolizer(&trace, o.debug_dir.clone(), preloaded);
                 checker.add(&trace, &shown, &mut sym);
                 for w in sym.take_warnings() {
                     if warned.insert(w.clone()) {

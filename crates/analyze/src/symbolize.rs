@@ -9,8 +9,11 @@
 //! function, file, line and inlined frames, falling back to the ELF symbol
 //! table (`.symtab`, else `.dynsym`) for the function name.
 //!
-//! **Invariant:** one loaded context per module, loaded on first use; the
-//! files are memory-mapped by `addr2line`, not read into memory.
+//! **Invariant:** one loaded context per module, loaded on first use or
+//! ahead of it by a [`Preloader`] (only modules that recorded stacks use,
+//! so loading ahead gives the lookups the same files; a failed preload is
+//! dropped and retried on first use, where its warning is said); the files
+//! are memory-mapped by `addr2line`, not read into memory.
 
 use std::borrow::Cow;
 use std::fs::File;
@@ -190,6 +193,30 @@ impl ElfSymbolizer {
         })
     }
 
+    /// Installs the modules `preloader` loaded (waiting for it to finish)
+    /// into the entries with the same path, bias and build-id that were
+    /// not loaded yet. What it failed to load is left to load on first use,
+    /// with its warning then, as without preloading.
+    pub fn with_preloaded(mut self, preloader: Preloader) -> ElfSymbolizer {
+        if preloader.debug_dirs != self.debug_dirs {
+            return self;
+        }
+        // A panicked preloader (it cannot) only costs the loading time.
+        let loaded = preloader.thread.join().unwrap_or_default();
+        for (module, (primary, secondary)) in loaded {
+            let entry = self.modules.iter_mut().rev().find(|e| {
+                matches!(e.state, LoadState::NotTried)
+                    && e.module.path == module.path
+                    && e.module.bias == module.bias
+                    && e.module.build_id == module.build_id
+            });
+            if let Some(e) = entry {
+                e.state = LoadState::Loaded { primary, secondary };
+            }
+        }
+        self
+    }
+
     fn load(&mut self, idx: usize) {
         if self.modules[idx].module.path.is_empty() && !self.modules[idx].module.build_id.is_empty()
         {
@@ -205,11 +232,7 @@ impl ElfSymbolizer {
         }
         let entry = &self.modules[idx];
         let path_bytes = &entry.module.path;
-        let pseudo = path_bytes.is_empty()
-            || path_bytes.starts_with(b"[")
-            || path_bytes.starts_with(b"linux-vdso")
-            || path_bytes.starts_with(b"linux-gate");
-        let state = if pseudo {
+        let state = if is_pseudo(path_bytes) {
             LoadState::Unavailable
         } else {
             match open_module(&entry.module, &self.debug_dirs) {
@@ -300,6 +323,60 @@ impl Symbolizer for ElfSymbolizer {
     fn take_warnings(&mut self) -> Vec<String> {
         std::mem::take(&mut self.warnings)
     }
+}
+
+/// Loads, on a thread of its own, the modules that the stacks known so far
+/// use, for [`ElfSymbolizer::with_preloaded`]: the start of a trace already
+/// names the modules and the first stacks (nearly every stack passes through
+/// the same few libraries), so their debug info can be loaded while the rest
+/// of the trace is read.
+pub struct Preloader {
+    debug_dirs: Vec<PathBuf>,
+    thread: std::thread::JoinHandle<Vec<(Module, Loaded)>>,
+}
+
+impl Preloader {
+    /// Starts loading each of `modules` (in file order, as for
+    /// [`ElfSymbolizer::new`]) that holds one of the return addresses
+    /// `returns` and names a file (not the main program recorded without a
+    /// path, nor the vdso), looking for debug files in `debug_dirs` as well.
+    pub fn start(modules: &[Module], returns: Vec<u64>, debug_dirs: Vec<PathBuf>) -> Preloader {
+        let modules = modules.to_vec();
+        let dirs = debug_dirs.clone();
+        let thread = std::thread::spawn(move || {
+            let mut used = vec![false; modules.len()];
+            for ret in returns {
+                let pc = ret.saturating_sub(1);
+                // The module `ElfSymbolizer::find_module` picks.
+                if let Some(i) = modules.iter().rposition(|m| {
+                    m.segments
+                        .iter()
+                        .any(|&(start, len)| pc >= start && pc - start < len)
+                }) {
+                    used[i] = true;
+                }
+            }
+            modules
+                .into_iter()
+                .zip(used)
+                .filter(|(m, used)| *used && !is_pseudo(&m.path))
+                .filter_map(|(m, _)| {
+                    let loaded = open_module(&m, &dirs).ok()?;
+                    Some((m, loaded))
+                })
+                .collect()
+        });
+        Preloader { debug_dirs, thread }
+    }
+}
+
+/// True for a module with no file to read: the main program recorded
+/// without a path, `[vdso]` and the like.
+fn is_pseudo(path: &[u8]) -> bool {
+    path.is_empty()
+        || path.starts_with(b"[")
+        || path.starts_with(b"linux-vdso")
+        || path.starts_with(b"linux-gate")
 }
 
 /// Facts about one ELF file on disk, read without mapping it.
@@ -500,13 +577,10 @@ mod tests {
         assert_eq!(s.symbolize(0x7f_0000_3000)[0].function, None);
     }
 
-    #[test]
-    fn symbolizes_this_test_binary() {
-        // This very function's address, found through the module map of the
-        // running test, must come back with its name and this file.
+    /// The running test binary as a module, from `/proc/self/maps`.
+    fn this_test_binary() -> Module {
         let exe = std::fs::read_link("/proc/self/exe").unwrap();
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        let here = symbolizes_this_test_binary as *const () as usize as u64;
         let mut segments = Vec::new();
         let mut lowest = u64::MAX;
         for line in maps.lines() {
@@ -525,14 +599,21 @@ mod tests {
         }
         // A PIE is linked at 0, so the lowest mapping minus its file offset
         // is the load bias.
-        let m = Module {
+        Module {
             ts: 0,
             bias: lowest,
             path: exe.as_os_str().as_encoded_bytes().to_vec(),
             build_id: Vec::new(),
             segments,
-        };
-        let mut s = ElfSymbolizer::new(&[m], Vec::new());
+        }
+    }
+
+    #[test]
+    fn symbolizes_this_test_binary() {
+        // This very function's address, found through the module map of the
+        // running test, must come back with its name and this file.
+        let here = symbolizes_this_test_binary as *const () as usize as u64;
+        let mut s = ElfSymbolizer::new(&[this_test_binary()], Vec::new());
         let frames = s.symbolize(here + 1);
         let f = frames.last().unwrap();
         assert!(
@@ -547,5 +628,37 @@ mod tests {
                 .is_some_and(|p| p.ends_with("symbolize.rs")),
             "{frames:?}"
         );
+    }
+
+    #[test]
+    fn preloaded_modules_symbolize_alike_and_failures_still_warn() {
+        let here =
+            preloaded_modules_symbolize_alike_and_failures_still_warn as *const () as usize as u64;
+        let gone = Module {
+            ts: 0,
+            bias: 0x1000,
+            path: b"/nonexistent/libgone.so".to_vec(),
+            build_id: vec![1, 2, 3],
+            segments: vec![(0x1000, 0x1000)],
+        };
+        let unused = Module {
+            path: b"/nonexistent/libunused.so".to_vec(),
+            segments: vec![(0x4000, 0x1000)],
+            ..gone.clone()
+        };
+        let modules = [this_test_binary(), gone, unused];
+        let returns = vec![here + 1, 0x1100, 0x9999];
+        let p = Preloader::start(&modules, returns, Vec::new());
+        let mut pre = ElfSymbolizer::new(&modules, Vec::new()).with_preloaded(p);
+        assert!(matches!(pre.modules[0].state, LoadState::Loaded { .. }));
+        assert!(matches!(pre.modules[1].state, LoadState::NotTried));
+        assert!(matches!(pre.modules[2].state, LoadState::NotTried));
+        let mut plain = ElfSymbolizer::new(&modules, Vec::new());
+        for ret in [here + 1, 0x1100, 0x1200] {
+            assert_eq!(pre.symbolize(ret), plain.symbolize(ret));
+        }
+        let warnings = pre.take_warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings, plain.take_warnings());
     }
 }
