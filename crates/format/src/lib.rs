@@ -1025,186 +1025,6 @@ pub struct Decoder<R> {
     last_ts: u64,
     last_addr: u64,
     records: u64,
-    /// The file's header and committed records, mapped, when the decoder
-    /// was made by [`Decoder::mapped`]: then `buf` stays empty, `pos` is
-    /// the offset in the stream, and nothing is read through `reader`.
-    #[cfg(unix)]
-    map: Option<Mapped>,
-}
-
-/// The record stream of a decoder: the mapped one, or the read buffer.
-#[inline(always)]
-fn stream_of<'a>(buf: &'a [u8], #[cfg(unix)] map: &'a Option<Mapped>) -> &'a [u8] {
-    #[cfg(unix)]
-    if let Some(m) = map {
-        return m.stream();
-    }
-    buf
-}
-
-/// A read-only private mapping of a trace file's header and committed
-/// records (unix only).
-#[cfg(unix)]
-struct Mapped {
-    ptr: *mut libc::c_void,
-    len: usize,
-    /// Bytes from the start given back to the kernel (see `release`).
-    released: usize,
-}
-
-// SAFETY: the mapping is read-only and owned by its Mapped alone.
-#[cfg(unix)]
-unsafe impl Send for Mapped {}
-
-#[cfg(unix)]
-impl Mapped {
-    /// Bytes consumed between two releases (small in tests, so that they
-    /// release too).
-    const RELEASE_STEP: usize = if cfg!(test) { 64 << 10 } else { 8 << 20 };
-
-    /// Maps the first `len` bytes of `file` (which must have at least that
-    /// many); `None` when the system refuses.
-    fn new(file: &std::fs::File, len: usize) -> Option<Mapped> {
-        use std::os::unix::io::AsRawFd;
-        // SAFETY: a fresh read-only private mapping of a file we hold open;
-        // the pointer is checked before use.
-        let ptr = unsafe {
-            libc::mmap(
-                core::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return None;
-        }
-        // SAFETY: advice on our own mapping; failure is harmless.
-        unsafe { libc::madvise(ptr, len, libc::MADV_SEQUENTIAL) };
-        let m = Mapped {
-            ptr,
-            len,
-            released: 0,
-        };
-        m.populate(0);
-        Some(m)
-    }
-
-    fn stream(&self) -> &[u8] {
-        // SAFETY: `len` mapped readable bytes, alive as long as `self`; the
-        // file is at least that long (checked when mapping; the tracer only
-        // ever shortens its file to at least the committed length).
-        let all = unsafe { core::slice::from_raw_parts(self.ptr as *const u8, self.len) };
-        &all[HEADER_SIZE.min(self.len)..]
-    }
-
-    /// Drops the pages wholly before stream offset `pos` from the mapping
-    /// (they stay in the page cache), every `RELEASE_STEP` bytes: a file of
-    /// gigabytes must not show up in the analyzer's resident memory.
-    fn release(&mut self, pos: u64) {
-        let upto = (HEADER_SIZE as u64 + pos).min(self.len as u64) as usize & !0xfff_usize;
-        if upto < self.released + Self::RELEASE_STEP {
-            return;
-        }
-        // SAFETY: a page-aligned range of our own read-only mapping that no
-        // slice handed out refers to any more (the decoder is past it).
-        unsafe {
-            libc::madvise(
-                (self.ptr as *mut u8).add(self.released) as *mut libc::c_void,
-                upto - self.released,
-                libc::MADV_DONTNEED,
-            )
-        };
-        self.released = upto;
-        self.populate(upto);
-    }
-
-    /// Maps the next `RELEASE_STEP` bytes from `from` in one call
-    /// (Linux's MADV_POPULATE_READ) rather than a page fault for every few
-    /// pages; where the kernel lacks it, the faults happen as before.
-    fn populate(&self, from: usize) {
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        {
-            let end = (from + Self::RELEASE_STEP).min(self.len);
-            if end > from {
-                // SAFETY: advice on a range of our own mapping; failure is
-                // harmless.
-                unsafe {
-                    libc::madvise(
-                        (self.ptr as *mut u8).add(from) as *mut libc::c_void,
-                        end - from,
-                        libc::MADV_POPULATE_READ,
-                    )
-                };
-            }
-        }
-        #[cfg(not(any(target_os = "linux", target_os = "android")))]
-        let _ = from;
-    }
-}
-
-#[cfg(unix)]
-impl Drop for Mapped {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping, unmapped once.
-        unsafe { libc::munmap(self.ptr, self.len) };
-    }
-}
-
-#[cfg(unix)]
-impl Decoder<std::fs::File> {
-    /// A decoder for a trace file that maps the file's header and committed
-    /// records instead of copying them through `read(2)` (a sixth of the
-    /// decoding thread's time on a big trace). Reads as [`Decoder::new`]
-    /// does when the file cannot be mapped (not a regular file, a header
-    /// that is not whole, a `committed` beyond the file's end).
-    ///
-    /// Only the committed length is mapped: the tracer never shortens its
-    /// file below it, so reading a live trace cannot fault. (Another
-    /// process truncating the file under the analyzer can, as with any
-    /// mapped file.)
-    pub fn mapped(file: std::fs::File) -> Result<Decoder<std::fs::File>, DecodeError> {
-        use std::os::unix::fs::FileExt;
-        let Ok(meta) = file.metadata() else {
-            return Decoder::new(file);
-        };
-        let file_len = meta.len();
-        if !meta.is_file() || file_len < HEADER_SIZE as u64 {
-            return Decoder::new(file);
-        }
-        let mut head = vec![0u8; HEADER_SIZE];
-        if file.read_exact_at(&mut head, 0).is_err() {
-            return Decoder::new(file);
-        }
-        let header = Header::decode(&head)?;
-        let Some(want) = header.committed.checked_add(HEADER_SIZE as u64) else {
-            return Decoder::new(file);
-        };
-        if want > file_len || usize::try_from(want).is_err() {
-            return Decoder::new(file);
-        }
-        let Some(map) = Mapped::new(&file, want as usize) else {
-            return Decoder::new(file);
-        };
-        let limit = header.committed;
-        Ok(Decoder {
-            reader: file,
-            header,
-            buf: Vec::new(),
-            pos: 0,
-            buf_base: 0,
-            limit,
-            fetched: limit,
-            eof: true,
-            ending: Ending::Reading,
-            last_ts: 0,
-            last_addr: 0,
-            records: 0,
-            map: Some(map),
-        })
-    }
 }
 
 impl<R: Read> Decoder<R> {
@@ -1231,8 +1051,6 @@ impl<R: Read> Decoder<R> {
             last_ts: 0,
             last_addr: 0,
             records: 0,
-            #[cfg(unix)]
-            map: None,
         })
     }
 
@@ -1258,12 +1076,6 @@ impl<R: Read> Decoder<R> {
     /// Makes at least `need` unread bytes available, unless the stream ends
     /// first. Returns the number available.
     fn fill(&mut self, need: usize) -> Result<usize, DecodeError> {
-        #[cfg(unix)]
-        if let Some(m) = &self.map {
-            // A window of at most MAX_RECORD bytes, as the read buffer
-            // would hold: a longer record is damage either way.
-            return Ok((m.stream().len() - self.pos).min(MAX_RECORD));
-        }
         let avail = self.buf.len() - self.pos;
         if avail >= need || self.eof {
             return Ok(avail);
@@ -1293,17 +1105,6 @@ impl<R: Read> Decoder<R> {
         Ok(self.buf.len() - self.pos)
     }
 
-    /// True when a window of `avail` bytes from `pos` holds the rest of the
-    /// readable stream.
-    fn rest_in_window(&self, avail: usize) -> bool {
-        #[cfg(unix)]
-        if let Some(m) = &self.map {
-            return m.stream().len() - self.pos == avail;
-        }
-        let _ = avail;
-        self.eof
-    }
-
     fn finish(&mut self, ending: Ending) -> Result<Option<Record>, DecodeError> {
         self.ending = ending;
         Ok(None)
@@ -1326,11 +1127,7 @@ impl<R: Read> Decoder<R> {
                 return self.end_of_stream();
             }
             let start = self.pos;
-            let window = &stream_of(
-                &self.buf,
-                #[cfg(unix)]
-                &self.map,
-            )[start..start + avail];
+            let window = &self.buf[start..start + avail];
             match parse(window, &mut self.last_ts, &mut self.last_addr) {
                 Parsed::Record(rec, used) => {
                     self.pos += used;
@@ -1342,7 +1139,7 @@ impl<R: Read> Decoder<R> {
                 }
                 Parsed::Padding => return self.end_of_stream(),
                 Parsed::NeedMore => {
-                    if avail < want || self.rest_in_window(avail) {
+                    if avail < want || self.eof {
                         // The stream ends inside a record: a cut-off tail.
                         return self.end_of_stream();
                     }
@@ -1377,10 +1174,6 @@ impl<R: Read> Decoder<R> {
     pub fn next_batch(&mut self, batch: &mut Batch, max: usize) -> Result<bool, DecodeError> {
         if self.ending != Ending::Reading {
             return Ok(false);
-        }
-        #[cfg(unix)]
-        if let Some(m) = &mut self.map {
-            m.release(self.pos as u64);
         }
         let start = self.offset();
         loop {
@@ -1421,20 +1214,15 @@ impl<R: Read> Decoder<R> {
             addr: self.last_addr,
             n: 0,
         };
-        let buf = stream_of(
-            &self.buf,
-            #[cfg(unix)]
-            &self.map,
-        );
         #[cfg(target_arch = "x86_64")]
         if fast_pext() {
             // SAFETY: the CPU has BMI2 (checked by fast_pext).
-            unsafe { fast_events_bmi2(buf, &mut st, events, max) };
+            unsafe { fast_events_bmi2(&self.buf, &mut st, events, max) };
         } else {
-            fast_events_with::<false>(buf, &mut st, events, max);
+            fast_events_with::<false>(&self.buf, &mut st, events, max);
         }
         #[cfg(not(target_arch = "x86_64"))]
-        fast_events_with::<false>(buf, &mut st, events, max);
+        fast_events_with::<false>(&self.buf, &mut st, events, max);
         self.pos = st.pos;
         self.last_ts = st.ts;
         self.last_addr = st.addr;
@@ -1993,14 +1781,7 @@ mod tests {
         reader: R,
         max: usize,
     ) -> Result<(Vec<Record>, Ending), (Vec<Record>, String)> {
-        drain_batched(Decoder::new(reader), max)
-    }
-
-    fn drain_batched<R: Read>(
-        d: Result<Decoder<R>, DecodeError>,
-        max: usize,
-    ) -> Result<(Vec<Record>, Ending), (Vec<Record>, String)> {
-        let mut d = d.map_err(|e| (Vec::new(), e.to_string()))?;
+        let mut d = Decoder::new(reader).map_err(|e| (Vec::new(), e.to_string()))?;
         let mut out = Vec::new();
         let mut batch = Batch::default();
         loop {
@@ -2021,14 +1802,9 @@ mod tests {
         }
     }
 
+    /// What `next` yields, with the records read before an error.
     fn decode_plain(bytes: &[u8]) -> Result<(Vec<Record>, Ending), (Vec<Record>, String)> {
-        drain_plain(Decoder::new(bytes))
-    }
-
-    fn drain_plain<R: Read>(
-        d: Result<Decoder<R>, DecodeError>,
-    ) -> Result<(Vec<Record>, Ending), (Vec<Record>, String)> {
-        let mut d = d.map_err(|e| (Vec::new(), e.to_string()))?;
+        let mut d = Decoder::new(bytes).map_err(|e| (Vec::new(), e.to_string()))?;
         let mut out = Vec::new();
         loop {
             match d.next() {
@@ -2084,65 +1860,6 @@ mod tests {
         assert_eq!(decode_plain(&bytes).unwrap().0, recs);
         assert!(decode_plain(&damaged).is_err());
         assert!(decode_plain(&long).is_err());
-    }
-
-    /// `Decoder::mapped` reads a file as `Decoder::new` reads its bytes:
-    /// the same records, endings and errors, in batches or one by one.
-    #[cfg(unix)]
-    #[test]
-    fn mapped_files_decode_as_read_ones() {
-        let mut recs = sample_records();
-        recs.pop();
-        for i in 0..40_000u64 {
-            recs.push(Record::Alloc {
-                ts: 100 + i,
-                addr: 0x7f00_0000_0000 + (i % 5000) * 64,
-                size: i % 300,
-                stack: i % 9,
-                sampled: false,
-            });
-            recs.push(Record::Free {
-                ts: 100 + i,
-                addr: 0x7f00_0000_0000 + (i % 5000) * 64,
-            });
-        }
-        recs.push(Record::End { ts: 1 << 40 });
-        let bytes = file(&recs, true);
-        let mut damaged = bytes.clone();
-        let at = bytes.len() - 3000;
-        damaged[at] = 0xee;
-        let cut = bytes[..bytes.len() - 5000].to_vec();
-        // `committed` beyond the end of the file: read as truncated.
-        let mut beyond = cut.clone();
-        let committed = (bytes.len() - HEADER_SIZE) as u64;
-        beyond[COMMITTED_OFFSET..COMMITTED_OFFSET + 8].copy_from_slice(&committed.to_le_bytes());
-        // A record longer than MAX_RECORD in a longer stream: damage.
-        let mut big = vec![Record::Info {
-            key: vec![b'k'; 900_000],
-            value: vec![b'v'; 900_000],
-        }];
-        big.extend(recs[..5000].iter().cloned());
-        let big = file(&big, true);
-        let header_only = bytes[..HEADER_SIZE].to_vec();
-        let short = bytes[..100].to_vec();
-        let dir = std::env::temp_dir();
-        for (k, input) in [bytes, damaged, cut, beyond, big, header_only, short]
-            .iter()
-            .enumerate()
-        {
-            let path = dir.join(format!(
-                "mtrace-format-mapped-{}-{k}.bin",
-                std::process::id()
-            ));
-            std::fs::write(&path, input).unwrap();
-            let open = || Decoder::mapped(std::fs::File::open(&path).unwrap());
-            let plain = decode_plain(input);
-            assert_eq!(drain_plain(open()), plain, "input {k}");
-            for max in [1, 7, 4096] {
-                assert_eq!(drain_batched(open(), max), plain, "input {k}, max {max}");
-            }
-            std::fs::remove_file(&path).unwrap();
-        }
     }
 
     #[test]
