@@ -250,7 +250,10 @@ pub unsafe fn take(p: u64) -> bool {
         key_for(p).is_some_and(|key| {
             // SAFETY: as the contract.
             let w = unsafe { key_word(p) };
-            w.compare_exchange(key, 0, AcqRel, Relaxed).is_ok()
+            // A plain load first: most candidates are ordinary blocks, and
+            // a locked compare-and-swap takes the cache line exclusively
+            // even when it fails.
+            w.load(Relaxed) == key && w.compare_exchange(key, 0, AcqRel, Relaxed).is_ok()
         })
     } else {
         find(p).is_some_and(|sl| sl.compare_exchange(p, TOMB, AcqRel, Relaxed).is_ok())
