@@ -531,15 +531,20 @@ mod tests {
         assert_eq!(f[0].offset, 0x1234);
     }
 
-    #[test]
-    fn missing_files_fall_back_to_module_offsets_with_one_warning() {
-        let m = Module {
+    /// A module whose file does not exist.
+    fn gone_module() -> Module {
+        Module {
             ts: 0,
             bias: 0x1000,
             path: b"/nonexistent/libgone.so".to_vec(),
             build_id: vec![1, 2, 3],
             segments: vec![(0x1000, 0x1000)],
-        };
+        }
+    }
+
+    #[test]
+    fn missing_files_fall_back_to_module_offsets_with_one_warning() {
+        let m = gone_module();
         let mut s = ElfSymbolizer::new(&[m], Vec::new());
         let a = s.symbolize(0x1100);
         let b = s.symbolize(0x1200);
@@ -634,13 +639,7 @@ mod tests {
     fn preloaded_modules_symbolize_alike_and_failures_still_warn() {
         let here =
             preloaded_modules_symbolize_alike_and_failures_still_warn as *const () as usize as u64;
-        let gone = Module {
-            ts: 0,
-            bias: 0x1000,
-            path: b"/nonexistent/libgone.so".to_vec(),
-            build_id: vec![1, 2, 3],
-            segments: vec![(0x1000, 0x1000)],
-        };
+        let gone = gone_module();
         let unused = Module {
             path: b"/nonexistent/libunused.so".to_vec(),
             segments: vec![(0x4000, 0x1000)],

@@ -798,16 +798,22 @@ fn uv_fast(w: &[u8; FAST_WINDOW], i: &mut usize) -> Option<u64> {
     }
     let bits = ends.trailing_zeros() + 1; // 8, 16, ... 64
     *i = at + (bits / 8) as usize;
-    let x = if bits == 64 {
+    Some(pack7(word, bits))
+}
+
+/// The 7-bit groups of the low `bits` bits (8 to 64) of `word`, a varint's
+/// bytes, packed together with shifts and masks: pairs, then quads, then
+/// the two halves (no branch depends on the length).
+#[inline(always)]
+fn pack7(word: u64, bits: u32) -> u64 {
+    let x = if bits >= 64 {
         word
     } else {
         word & ((1u64 << bits) - 1)
     } & 0x7f7f_7f7f_7f7f_7f7f;
-    // Pack 8 groups of 7 bits: pairs, then quads, then the two halves.
     let x = (x & 0x007f_007f_007f_007f) | ((x & 0x7f00_7f00_7f00_7f00) >> 1);
     let x = (x & 0x0000_3fff_0000_3fff) | ((x & 0x3fff_0000_3fff_0000) >> 2);
-    let x = (x & 0x0000_0000_0fff_ffff) | ((x & 0x0fff_ffff_0000_0000) >> 4);
-    Some(x)
+    (x & 0x0000_0000_0fff_ffff) | ((x & 0x0fff_ffff_0000_0000) >> 4)
 }
 
 /// Bit `k` set when byte `k` of the window ends a varint (its high bit is
@@ -850,14 +856,7 @@ fn varint_at<const PEXT: bool>(w: &[u8; FAST_WINDOW], start: usize, end: usize) 
             _pext_u64(word, _bzhi_u64(0x7f7f_7f7f_7f7f_7f7f, bits))
         };
     }
-    let x = if bits >= 64 {
-        word
-    } else {
-        word & ((1u64 << bits) - 1)
-    } & 0x7f7f_7f7f_7f7f_7f7f;
-    let x = (x & 0x007f_007f_007f_007f) | ((x & 0x7f00_7f00_7f00_7f00) >> 1);
-    let x = (x & 0x0000_3fff_0000_3fff) | ((x & 0x3fff_0000_3fff_0000) >> 2);
-    (x & 0x0000_0000_0fff_ffff) | ((x & 0x0fff_ffff_0000_0000) >> 4)
+    pack7(word, bits)
 }
 
 /// True when `pext` is there and fast: BMI2 on Intel, or on an AMD CPU
