@@ -12,7 +12,7 @@ use core::ffi::{c_char, c_int, c_void};
 use core::sync::atomic::Ordering::Relaxed;
 
 use crate::tracer::{self, Decision, FreeKind, Tls, FREE_MASK, TLS};
-use crate::{real, sampled, sys, writer};
+use crate::{pool, real, sampled, sys, writer};
 
 /// Charges `size` to the thread's countdown; true when no sample point was
 /// reached (the overwhelmingly common case).
@@ -78,6 +78,20 @@ unsafe fn sampled_zeroed(size: usize) -> *mut c_void {
 /// The tagged block behind `sampled_alloc`, zeroed by the real calloc when
 /// `zeroed`.
 unsafe fn sampled_chunk(size: usize, zeroed: bool) -> *mut c_void {
+    if size <= pool::MAX {
+        if let Some(page) = pool::take() {
+            let p = page + sampled::TAG;
+            // SAFETY: a page of our own: the chunk word (marked as a pool
+            // page) before the block, and `size` bytes from p in the page.
+            unsafe {
+                *((p - 8) as *mut usize) = page | pool::MARK;
+                if zeroed {
+                    core::ptr::write_bytes(p as *mut u8, 0, size);
+                }
+            }
+            return p as *mut c_void;
+        }
+    }
     let Some(total) = size.checked_add(sampled::ALIGN + sampled::TAG) else {
         sys::set_errno(libc::ENOMEM);
         return core::ptr::null_mut();
@@ -101,6 +115,24 @@ unsafe fn sampled_chunk(size: usize, zeroed: bool) -> *mut c_void {
     p as *mut c_void
 }
 
+/// Gives a block's chunk back: to the pool when it is a pool page (marked),
+/// else to the real allocator (an ordinary block's own address, or a
+/// sampled block's chunk).
+///
+/// # Safety
+/// `chunk` is a live block of the real allocator, or a pool page's chunk
+/// word, whose block nothing refers to any more.
+#[inline]
+unsafe fn free_chunk(chunk: usize) {
+    if chunk & pool::MARK != 0 {
+        // SAFETY: as the contract.
+        unsafe { pool::give(chunk & !pool::MARK) }
+    } else {
+        // SAFETY: as the contract.
+        unsafe { real::free(chunk as *mut c_void) }
+    }
+}
+
 /// Bytes the program may use in the sampled block at `p`.
 ///
 /// # Safety
@@ -110,6 +142,9 @@ unsafe fn sampled_usable(p: *mut c_void) -> usize {
     // it.
     unsafe {
         let chunk = sampled::chunk_of(p as usize);
+        if chunk & pool::MARK != 0 {
+            return pool::MAX;
+        }
         real::malloc_usable_size(chunk as *mut c_void).saturating_sub(p as usize - chunk)
     }
 }
@@ -265,22 +300,26 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
 #[cold]
 #[inline(never)]
 unsafe extern "C" fn free_slow(p: *mut c_void) {
-    let chunk = TLS.with(|t| match tracer::free_kind(t, p) {
-        FreeKind::Plain => p,
+    let sampled_chunk = TLS.with(|t| match tracer::free_kind(t, p) {
+        FreeKind::Plain => None,
         FreeKind::Recorded => {
             tracer::record_free(t, p, sys::now_ns());
-            p
+            None
         }
         FreeKind::Sampled { record } => {
             if record {
                 tracer::record_free(t, p, sys::now_ns());
             }
             // SAFETY: p was a live sampled block until just now.
-            unsafe { sampled::chunk_of(p as usize) as *mut c_void }
+            Some(unsafe { sampled::chunk_of(p as usize) })
         }
     });
-    // SAFETY: forwarding the allocator's own address.
-    unsafe { real::free(chunk) }
+    match sampled_chunk {
+        // SAFETY: the chunk behind a sampled block just removed.
+        Some(chunk) => unsafe { free_chunk(chunk) },
+        // SAFETY: forwarding the program's own pointer, whatever it is.
+        None => unsafe { real::free(p) },
+    }
 }
 
 /// # Safety
@@ -349,7 +388,7 @@ unsafe fn realloc_slow(p: *mut c_void, size: usize) -> *mut c_void {
                         tracer::record_free(t, p, ts);
                     }
                     // SAFETY: the chunk behind a sampled block just removed.
-                    unsafe { real::free(sampled::chunk_of(p as usize) as *mut c_void) };
+                    unsafe { free_chunk(sampled::chunk_of(p as usize)) };
                     core::ptr::null_mut()
                 }
             };
@@ -424,7 +463,7 @@ unsafe fn realloc_sampled(t: &Tls, p: *mut c_void, size: usize) -> *mut c_void {
         p as usize
     };
     // SAFETY: the old block is no longer referenced; its chunk goes back.
-    unsafe { real::free(chunk as *mut c_void) };
+    unsafe { free_chunk(chunk) };
     if d != Decision::Skip {
         // A tagged block is always marked.
         let _ = tracer::record_alloc(t, q, size, d);
@@ -492,7 +531,7 @@ fn aligned_slow(
             // needs no marking.
             let q = alloc(align, size);
             // SAFETY: the sampled block's chunk, never handed out.
-            unsafe { real::free(sampled::chunk_of(p as usize) as *mut c_void) };
+            unsafe { free_chunk(sampled::chunk_of(p as usize)) };
             return q;
         }
         p

@@ -19,6 +19,7 @@ pub mod api;
 pub mod config;
 pub mod jvmti;
 pub mod leakscan;
+pub mod pool;
 pub mod real;
 pub mod ring;
 pub mod sampled;

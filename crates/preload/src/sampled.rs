@@ -3,9 +3,10 @@
 //!
 //! A free must tell a sampled block from the millions of unsampled ones
 //! without a shared lookup. A sampled block is therefore placed where glibc
-//! rarely puts one: the tracer allocates a block one page larger and hands
-//! the program the first address in it whose low twelve bits read 0x010
-//! (`TAG`). Aligned allocations that need more than 16-byte alignment get
+//! rarely puts one, at an address whose low twelve bits read 0x010 (`TAG`):
+//! a block of at most a page less 16 bytes gets a page of the tracer's own
+//! (pool.rs: glibc never sees it), a larger one the first such address in a
+//! block the tracer allocates one page larger. Aligned allocations that need more than 16-byte alignment get
 //! the address one alignment unit (at least a page) into their chunk, low
 //! bits 0x000. Either way the two words before the program's address belong
 //! to the chunk: the word at `p - 8` holds the chunk's own address, the one
