@@ -738,19 +738,23 @@ def targets(rep):
     out = []
     churn = rep["workloads"].get("churn", {}).get("modes", {})
     s, e, h = churn.get("sampled", {}), churn.get("exact", {}), churn.get("heaptrack", {})
-    if "ratio_best" in s:
-        out.append(("sampled churn wall vs bare (best of N)", "<= 1.03x",
-                    "%.3fx (median %.3fx)" % (s["ratio_best"], s["ratio_median"]),
-                    s["ratio_best"] <= 1.03))
+    # Wall-clock targets use the median of the per-round ratios: each
+    # round's runs are back to back, so they share the machine's spells of
+    # noise, where the best-of-N ratio rests on the single luckiest bare run
+    # (in one run the floor, which only forwards, came out 1.06x by it).
+    if "ratio_median" in s:
+        out.append(("sampled churn wall vs bare (median of rounds)", "<= 1.03x",
+                    "%.3fx (best of N %.3fx)" % (s["ratio_median"], s["ratio_best"]),
+                    s["ratio_median"] <= 1.03))
     cg = rep["callgrind"]
     if "ir_per_pair_main_thread" in cg.get("sampled", {}) and \
             "ir_per_pair_main_thread" in cg.get("bare", {}):
         d = cg["sampled"]["ir_per_pair_main_thread"] - cg["bare"]["ir_per_pair_main_thread"]
         out.append(("sampled malloc+free over bare (callgrind)", "<= 15 instructions",
                     "%+.1f" % d, d <= 15))
-    if "ratio_best" in e and "ratio_best" in h:
-        eo, ho = e["ratio_best"] - 1, h["ratio_best"] - 1
-        out.append(("exact churn overhead vs heaptrack's (best of N)", "<= 1/3",
+    if "ratio_median" in e and "ratio_median" in h:
+        eo, ho = e["ratio_median"] - 1, h["ratio_median"] - 1
+        out.append(("exact churn overhead vs heaptrack's (median of rounds)", "<= 1/3",
                     "%.2f / %.2f = %.2f" % (eo, ho, eo / ho if ho > 0 else float("inf")),
                     ho > 0 and eo <= ho / 3))
     if e.get("bytes_per_event"):
@@ -758,8 +762,15 @@ def targets(rep):
                     "%.1f" % e["bytes_per_event"], e["bytes_per_event"] <= 16))
     an = rep["analyzer"]
     if "median_s" in an.get("mtrace-analyze", {}) and "median_s" in an.get("heaptrack_print", {}):
-        sp = an["heaptrack_print"]["median_s"] / an["mtrace-analyze"]["median_s"]
-        out.append(("analyzer vs heaptrack_print (churn)", ">= 5x faster", "%.1fx" % sp, sp >= 5))
+        # The two run in alternation: pair them run by run.
+        ours = [r["wall_s"] for r in an["mtrace-analyze"]["runs"] if "error" not in r]
+        theirs = [r["wall_s"] for r in an["heaptrack_print"]["runs"] if "error" not in r]
+        pairs = [t / o for o, t in zip(ours, theirs) if o > 0]
+        sp = statistics.median(pairs) if pairs else \
+            an["heaptrack_print"]["median_s"] / an["mtrace-analyze"]["median_s"]
+        out.append(("analyzer vs heaptrack_print (churn, median of rounds)", ">= 5x faster",
+                    "%.1fx (range %.1f-%.1fx)" % (sp, min(pairs or [sp]), max(pairs or [sp])),
+                    sp >= 5))
     for name, wl in rep["workloads"].items():
         ex = wl["modes"].get("exact", {})
         if wl.get("command") is None:
@@ -783,8 +794,10 @@ def markdown(rep):
     L.append("### Whole programs")
     L.append("")
     L.append("Wall time is the median; \"x bare\" is the median of per-repetition ratios to the "
-             "bare run of the same repetition, with min-max; \"best\" is the fastest run over "
-             "the fastest bare run, the estimate least hurt by a noisy machine. Peak RSS is the largest process's "
+             "bare run of the same repetition, with min-max (the targets use it: a round's runs "
+             "are back to back and share the machine's spells of noise); \"best\" is the fastest "
+             "run over the fastest bare run, which one lucky bare run can skew. Peak RSS is the "
+             "largest process's "
              "(for heaptrack, usually its interpreter). Events are allocations + frees as "
              "decoded by `mtrace-analyze` (heaptrack's bytes/event use the exact-mode count "
              "of the same deterministic program).")
