@@ -85,8 +85,9 @@ pub fn tagged_in(chunk: usize) -> usize {
     ((chunk + ALIGN - 1) & !(ALIGN - 1)) + TAG
 }
 
-/// The address the real allocator knows for the program's sampled block
-/// `p`: stored in the word before it.
+/// The chunk word of the program's sampled block `p`, stored in the word
+/// before it: the address the real allocator knows, or a pool page's with
+/// `pool::MARK` set (api.rs gives either back with `free_chunk`).
 ///
 /// # Safety
 /// `p` must be a live sampled block (or one just taken out).

@@ -362,8 +362,9 @@ pub enum FreeKind {
     Plain,
     /// Record it (exact mode): `ptr` is the allocator's own address.
     Recorded,
-    /// A sampled block, now no longer marked as one: give the real allocator
-    /// `sampled::chunk_of(ptr)`, and record the free if `record`.
+    /// A sampled block, now no longer marked as one: give back its chunk,
+    /// `sampled::chunk_of(ptr)` (to the real allocator, or to the pool for
+    /// a pool page), and record the free if `record`.
     Sampled { record: bool },
 }
 
