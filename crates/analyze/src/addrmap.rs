@@ -296,7 +296,7 @@ impl<V: Copy + Default> AddrMap<V> {
 
 /// A hint to load the cache line holding `r`; no effect on other targets.
 #[inline(always)]
-fn prefetch<T>(r: &T) {
+pub fn prefetch<T>(r: &T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `_mm_prefetch` needs SSE, which every x86_64 CPU has (it is
     // in the target's baseline features), and a prefetch reads nothing the

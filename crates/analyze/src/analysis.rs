@@ -97,6 +97,9 @@ const SWEEP_INTERVAL_NS: u64 = 1_000_000_000;
 /// address's entries.
 const PREFETCH_AHEAD: usize = 8;
 
+/// How many events ahead a shard asks for the events' own cache lines.
+const EVENTS_AHEAD: usize = 32;
+
 /// A block live at the end of the trace (or at the current point of reading).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LiveBlock {
@@ -453,9 +456,18 @@ impl Trace {
     /// may be called again after more records.
     pub fn finish(&mut self) {
         let exact = self.exact();
-        self.allocated = self
-            .per_stack
-            .iter()
+        // The two-thread reader of an exact trace sums on the shards.
+        let mut all: FxHashMap<u64, Allocated> = FxHashMap::default();
+        let tables = [
+            &self.per_stack,
+            &self.shards[0].per_stack,
+            &self.shards[1].per_stack,
+        ];
+        for (id, a) in tables.into_iter().flat_map(|t| t.iter()) {
+            all.entry(id).or_default().add(a);
+        }
+        self.allocated = all
+            .into_iter()
             .map(|(id, a)| {
                 let sums = if exact {
                     (a.bytes as f64, a.objects as f64)
@@ -525,6 +537,98 @@ impl Trace {
         apply(self, &events[done..]);
         batch.events = events;
         batch.events.clear();
+    }
+
+    /// [`Trace::merge`] for an exact trace without snapshots: the shards
+    /// have already counted the events and summed them per stack, and left
+    /// each event's change to the live total in `plan.deltas`; what is left
+    /// in stream order is the running total, its peak, the time line's
+    /// points (`plan.ticks`) and the other records.
+    fn merge_exact(&mut self, batch: &mut Batch, plan: &Plan) {
+        for t in &plan.tally {
+            self.allocs += t.allocs;
+            self.frees += t.frees;
+            self.lost_frees += t.lost_frees;
+            self.late_allocs += t.late_allocs;
+            self.unmatched_frees += t.unmatched_frees;
+        }
+        let n = batch.events.len();
+        let records = std::mem::take(&mut batch.records);
+        let stops: Vec<(usize, Option<u64>)> = records
+            .iter()
+            .map(|(at, rec)| (*at, record_ts(rec)))
+            .collect();
+        let mut ticks = plan.ticks.iter().peekable();
+        let mut done = 0;
+        let mut segment = |trace: &mut Trace, from: usize, to: usize| {
+            let mut k = from;
+            while k < to {
+                // The time moves on to a new interval before the event's
+                // own change.
+                while let Some(&&(_, ts)) = ticks.peek().filter(|t| t.0 as usize <= k) {
+                    trace.global_ts(ts);
+                    ticks.next();
+                }
+                let end = ticks.peek().map_or(to, |t| (t.0 as usize).clamp(k + 1, to));
+                trace.scan_deltas(k, end, &batch.events, &stops, plan);
+                k = end;
+            }
+        };
+        let mut records = records;
+        for (at, rec) in records.drain(..) {
+            let at = at.clamp(done, n);
+            segment(self, done, at);
+            done = at;
+            self.record_global(rec);
+        }
+        segment(self, done, n);
+        batch.records = records;
+        if plan.clock.last_ts > self.last_ts {
+            self.last_ts = plan.clock.last_ts;
+        }
+        batch.events.clear();
+    }
+
+    /// Applies the changes to the live total of the batch's events `from..to`
+    /// and moves the peak.
+    #[inline(always)]
+    fn scan_deltas(
+        &mut self,
+        from: usize,
+        to: usize,
+        events: &[Event],
+        stops: &[(usize, Option<u64>)],
+        plan: &Plan,
+    ) {
+        let mut live = self.live_exact;
+        let mut best = live;
+        let mut best_k = None;
+        for (k, &d) in plan.deltas[from..to].iter().enumerate() {
+            live = live.wrapping_add(d);
+            if live > best {
+                best = live;
+                best_k = Some(k);
+            }
+        }
+        self.live_exact = live;
+        if let Some(k) = best_k {
+            if best as f64 > self.memory.live_peak {
+                // The time then: the latest of everything up to it.
+                let k = from + k;
+                let c = k / CHECKPOINT;
+                let chunk = c * CHECKPOINT;
+                let mut ts = plan.maxts.get(c).copied().unwrap_or(0);
+                for e in events.get(chunk..=k).unwrap_or_default() {
+                    ts = ts.max(e.ts);
+                }
+                for &(at, rts) in stops {
+                    if at > chunk && at <= k {
+                        ts = ts.max(rts.unwrap_or(0));
+                    }
+                }
+                self.memory.live_changed(ts, best as f64);
+            }
+        }
     }
 
     /// What an event did, once its shard said how it went.
@@ -825,6 +929,9 @@ struct Shard {
     dead_max_ts: u64,
     last_ts: u64,
     last_sweep_ts: u64,
+    /// What each stack allocated, when the shard sums it (the two-thread
+    /// reader of an exact trace: [`Shard::run`]).
+    per_stack: PerStack,
 }
 
 impl Default for Shard {
@@ -838,6 +945,7 @@ impl Default for Shard {
             dead_max_ts: 0,
             last_ts: 0,
             last_sweep_ts: 0,
+            per_stack: PerStack::default(),
         }
     }
 }
@@ -886,17 +994,26 @@ impl Shard {
 
     /// Feeds this shard's events of a batch (`plan.shard[i]`: indices into
     /// `events`), sweeping where `plan` says, and writes what each did into
-    /// `plan.outcomes[i]`, in the same order.
-    fn run(&mut self, events: &[Event], plan: &mut Plan, i: usize) {
+    /// `plan.outcomes[i]`, in the same order. With `EXACT` (an exact trace
+    /// read without snapshots) the shard does more of the work itself: it
+    /// counts its events into `plan.tally[i]`, sums what each stack
+    /// allocated, and writes each event's change to the live total into
+    /// `plan.deltas` at the event's index, instead of an outcome.
+    fn run<const EXACT: bool>(&mut self, events: &[Event], plan: &mut Plan, i: usize) {
         let Plan {
             shard,
             outcomes,
             sweeps,
             clock,
+            deltas,
+            tally,
+            ..
         } = plan;
         let mine = &shard[i][..];
         let outcomes = &mut outcomes[i];
         outcomes.clear();
+        let tally = &mut tally[i];
+        *tally = Tally::default();
         let mut sweeps = sweeps.iter().peekable();
         for (i, &k) in mine.iter().enumerate() {
             let k = k as usize;
@@ -912,17 +1029,64 @@ impl Shard {
                     self.prefetch(next);
                 }
             }
-            let o = match events.get(k) {
-                Some(e) => self.event(e),
-                None => Outcome::Unknown,
-            };
-            outcomes.push(o);
+            // The events themselves, further ahead (for shard 0 another
+            // core decoded them): the table's prefetch above reads one.
+            if let Some(ahead) = events.get(k + EVENTS_AHEAD) {
+                crate::addrmap::prefetch(ahead);
+            }
+            match events.get(k) {
+                Some(e) => {
+                    let o = self.event(e);
+                    if EXACT {
+                        let d = self.exact_effect(e, o, tally);
+                        if let Some(slot) = deltas.get_mut(k) {
+                            *slot = d;
+                        }
+                    } else {
+                        outcomes.push(o);
+                    }
+                }
+                None if !EXACT => outcomes.push(Outcome::Unknown),
+                None => {}
+            }
         }
         for &(_, ts) in sweeps {
             self.sweep_at(ts);
         }
         self.last_ts = clock.last_ts;
         self.last_sweep_ts = clock.last_sweep_ts;
+    }
+
+    /// What [`Trace::apply`] does with an event of an exact trace, except
+    /// for the running total: counted into `t`, summed per stack; returns
+    /// the change to the live total (two's complement).
+    #[inline(always)]
+    fn exact_effect(&mut self, e: &Event, o: Outcome, t: &mut Tally) -> u64 {
+        if e.kind == EventKind::Free {
+            t.frees += 1;
+        } else {
+            t.allocs += 1;
+            let a = self.per_stack.get(e.stack);
+            a.bytes += u128::from(e.size);
+            a.objects += 1;
+        }
+        match o {
+            Outcome::Born => e.size,
+            Outcome::Died(old) => old.block().size.wrapping_neg(),
+            Outcome::Replaced(old) => {
+                t.lost_frees += 1;
+                e.size.wrapping_sub(old.block().size)
+            }
+            Outcome::Late(_) => {
+                t.late_allocs += 1;
+                0
+            }
+            Outcome::Unmatched => {
+                t.unmatched_frees += 1;
+                0
+            }
+            Outcome::Unknown => 0,
+        }
     }
 
     /// The sweep [`Shard::see_ts`] makes when the time is `ts`.
@@ -1016,6 +1180,8 @@ impl Shard {
 struct Clock {
     last_ts: u64,
     last_sweep_ts: u64,
+    /// The time line's next interval (see [`Plan::ticks`]).
+    next_tick: u64,
 }
 
 /// How the two shards share a batch while reading: which events each
@@ -1033,15 +1199,46 @@ struct Plan {
     sweeps: Vec<(u32, u64)>,
     /// The time after the batch.
     clock: Clock,
+    /// With an exact trace read without snapshots ([`Shard::run`]'s
+    /// `EXACT`): each event's change to the live total, by index.
+    deltas: Vec<u64>,
+    /// What each shard counted of its events (with `EXACT`).
+    tally: [Tally; 2],
+    /// (index of an event that moves the time into a new interval of the
+    /// time line ([`MemoryStats::next_tick_after`]), its time) (with
+    /// `EXACT`).
+    ticks: Vec<(u32, u64)>,
+    /// The latest time before event `j * CHECKPOINT`, for each `j` (with
+    /// `EXACT`).
+    maxts: Vec<u64>,
+}
+
+/// What [`Plan::maxts`] keeps one time for: events.
+const CHECKPOINT: usize = 256;
+
+/// A shard's counts of one batch's events, for [`Trace`]'s counters.
+#[derive(Clone, Copy, Debug, Default)]
+struct Tally {
+    allocs: u64,
+    frees: u64,
+    lost_frees: u64,
+    late_allocs: u64,
+    unmatched_frees: u64,
 }
 
 impl Plan {
     /// Plans `batch` from `clock` (the time after the batch before), in one
     /// pass over its events.
-    fn make(&mut self, batch: &Batch, clock: Clock, split: u8) {
+    fn make(&mut self, batch: &Batch, clock: Clock, split: u8, exact: bool) {
         let events = &batch.events;
         let n = events.len();
         self.sweeps.clear();
+        self.ticks.clear();
+        self.maxts.clear();
+        if exact && self.deltas.len() < n {
+            // Every index is written by its shard before it is read.
+            self.deltas.resize(n, 0);
+        }
         // Both lists written for every event, the right one advanced: no
         // branch to mispredict.
         for list in &mut self.shard {
@@ -1051,12 +1248,24 @@ impl Plan {
         let (zero, one) = self.shard.split_at_mut(1);
         let (zero, one) = (&mut zero[0][..], &mut one[0][..]);
         let sweeps = &mut self.sweeps;
+        let ticks = &mut self.ticks;
+        let maxts = &mut self.maxts;
         let mut c = clock;
         // The time moves on to `ts` before the event (or record) at `at`;
         // a sweep falls there when it moved a sweep interval on. (The
-        // interval can only be crossed when the time moves.)
-        let mut see = |ts: u64, at: usize| {
+        // interval can only be crossed when the time moves.) A record
+        // moves the time line on itself (`Trace::record_global`).
+        let mut see = |ts: u64, at: usize, event: bool| {
+            if exact && event && at.is_multiple_of(CHECKPOINT) {
+                maxts.push(c.last_ts);
+            }
             if ts > c.last_ts {
+                if exact && ts >= c.next_tick {
+                    if event {
+                        ticks.push((at as u32, ts));
+                    }
+                    c.next_tick = MemoryStats::next_tick_after(ts);
+                }
                 c.last_ts = ts;
                 if ts - c.last_sweep_ts >= SWEEP_INTERVAL_NS {
                     c.last_sweep_ts = ts;
@@ -1071,7 +1280,7 @@ impl Plan {
             let at = at.clamp(done, n);
             for (k, e) in events[done..at].iter().enumerate() {
                 let k = done + k;
-                see(e.ts, k);
+                see(e.ts, k, true);
                 let h = usize::from(helper_owns(e.addr, split));
                 zero[a] = k as u32;
                 one[b] = k as u32;
@@ -1080,7 +1289,7 @@ impl Plan {
             }
             done = at;
             if let Some(ts) = ts {
-                see(ts, at);
+                see(ts, at, false);
             }
         }
         self.clock = c;
@@ -1128,6 +1337,17 @@ struct Allocated {
     est_objects: f64,
     /// True once an allocation from this stack was read.
     seen: bool,
+}
+
+impl Allocated {
+    /// Adds another part's sums.
+    fn add(&mut self, o: &Allocated) {
+        self.bytes += o.bytes;
+        self.objects += o.objects;
+        self.est_bytes += o.est_bytes;
+        self.est_objects += o.est_objects;
+        self.seen |= o.seen;
+    }
 }
 
 /// [`Allocated`] per stack id. The tracer hands ids out densely from 1, so
@@ -1245,15 +1465,23 @@ pub fn read_trace_watched<R: Read + Send>(
     /// The decoding thread's share of the addresses, in 256ths: decoding
     /// costs it about as much as the running totals cost the other thread.
     const SPLIT: u8 = 80;
+    /// The same when the shards do most of the in-order work
+    /// ([`Shard::run`]'s `EXACT`).
+    const SPLIT_EXACT: u8 = 43;
     type Work = (Batch, Plan);
+    // One message per batch of thousands of events: moving its few hundred
+    // bytes costs nothing next to boxing it.
+    #[allow(clippy::large_enum_variant)]
     enum Msg {
         Batch(Work, u64),
         End(Result<Ending, DecodeError>),
     }
     let mut dec = Decoder::new(reader)?;
     let mut trace = Trace::new(dec.header().clone());
+    let exact = trace.exact() && snapshots.is_empty();
+    let split = if exact { SPLIT_EXACT } else { SPLIT };
     trace.snapshots = snapshots;
-    trace.split = SPLIT;
+    trace.split = split;
     let mut helper = std::mem::take(&mut trace.shards[1]);
     let mut progress = Progress::new(dec.header().committed);
     let helper = std::thread::scope(|scope| {
@@ -1267,9 +1495,13 @@ pub fn read_trace_watched<R: Read + Send>(
                     .try_recv()
                     .unwrap_or_else(|_| (Batch::with_capacity(BATCH), Plan::default()));
                 let more = dec.next_batch(&mut batch, BATCH);
-                plan.make(&batch, clock, SPLIT);
+                plan.make(&batch, clock, split, exact);
                 clock = plan.clock;
-                helper.run(&batch.events, &mut plan, 1);
+                if exact {
+                    helper.run::<true>(&batch.events, &mut plan, 1);
+                } else {
+                    helper.run::<false>(&batch.events, &mut plan, 1);
+                }
                 let msg = Msg::Batch((batch, plan), dec.offset());
                 if tx.send(msg).is_err() {
                     break;
@@ -1288,8 +1520,13 @@ pub fn read_trace_watched<R: Read + Send>(
             match msg {
                 Msg::Batch((mut batch, mut plan), offset) => {
                     progress.show(offset);
-                    trace.shards[0].run(&batch.events, &mut plan, 0);
-                    trace.merge(&mut batch, &plan);
+                    if exact {
+                        trace.shards[0].run::<true>(&batch.events, &mut plan, 0);
+                        trace.merge_exact(&mut batch, &plan);
+                    } else {
+                        trace.shards[0].run::<false>(&batch.events, &mut plan, 0);
+                        trace.merge(&mut batch, &plan);
+                    }
                     watch(&trace);
                     // The decoder may have finished: then the batch is
                     // simply dropped.
@@ -1438,8 +1675,10 @@ mod tests {
     }
 
     /// A trace whose events come out of order in every way the module
-    /// documentation names, over more than the reorder window.
-    fn shuffled_trace(rate: u64) -> Vec<u8> {
+    /// documentation names, over more than the reorder window; with STATS
+    /// records now and then when `stats` (else the time line's points are
+    /// the analyzer's own, every 100 ms).
+    fn shuffled_trace(rate: u64, stats: bool) -> Vec<u8> {
         use mtrace_format::{Encoder, FLAG_CLEAN_END, HEADER_SIZE};
         let mut enc = Encoder::new();
         let mut body = Vec::new();
@@ -1488,7 +1727,7 @@ mod tests {
                         enc.free(&mut body, ts, addr);
                     }
                 }
-                if i % 3000 == 0 {
+                if stats && i % 3000 == 0 {
                     enc.stats(&mut body, ts, &[(mtrace_format::stat::RSS, i)]);
                 }
             }
@@ -1537,9 +1776,20 @@ mod tests {
 
     #[test]
     fn reading_on_two_threads_equals_feeding_records_one_by_one() {
-        for rate in [1, 4096] {
-            let bytes = shuffled_trace(rate);
+        // An exact trace without snapshots is read the other way (the
+        // shards do more of the work: `Shard::run`'s `EXACT`).
+        let cases = [
+            (1, true, true),
+            (4096, true, true),
+            (1, false, true),
+            (1, false, false),
+        ];
+        for (rate, with_snaps, stats) in cases {
+            let bytes = shuffled_trace(rate, stats);
             let snaps = || {
+                if !with_snaps {
+                    return Vec::new();
+                }
                 vec![
                     Snapshot::new(2_000_000_000, None),
                     Snapshot::new(4_000_000_000, Some(1)),
@@ -1559,7 +1809,13 @@ mod tests {
                 summary(&read)
             );
             assert!(read.unmatched_frees > 0 && read.live_blocks().count() > 100);
-            assert_eq!(summary(&read), summary(&fed), "rate {rate}");
+            assert_eq!(
+                summary(&read),
+                summary(&fed),
+                "rate {rate}, snapshots {with_snaps}, stats {stats}"
+            );
+            let points = read.memory.timeline.points().len();
+            assert!(stats || points > 50, "{points} points");
             assert_eq!(read.ending, Some(TraceEnding::Clean));
         }
     }

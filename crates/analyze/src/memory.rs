@@ -182,10 +182,19 @@ impl MemoryStats {
                 live,
                 ..TimelinePoint::default()
             });
-            self.next_live_only = (ts / LIVE_ONLY_INTERVAL_NS)
-                .saturating_add(1)
-                .saturating_mul(LIVE_ONLY_INTERVAL_NS);
+            self.next_live_only = MemoryStats::next_tick_after(ts);
         }
+    }
+
+    /// The time from which [`MemoryStats::tick`] may add its next point
+    /// when the time moved on to `ts`: the start of the next interval.
+    /// Whoever feeds the time in bigger steps (the two-thread reader calls
+    /// `tick` only at the first event at or past it) misses no point.
+    #[inline]
+    pub fn next_tick_after(ts: u64) -> u64 {
+        (ts / LIVE_ONLY_INTERVAL_NS)
+            .saturating_add(1)
+            .saturating_mul(LIVE_ONLY_INTERVAL_NS)
     }
 
     /// The live total changed to `live` at `ts`.
