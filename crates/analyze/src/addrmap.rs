@@ -35,6 +35,9 @@ pub struct AddrMap<V> {
     /// The most entries in `buckets`, in percent of their number, before
     /// the table doubles.
     max_load: usize,
+    /// The most entries in `buckets` before the table doubles:
+    /// `buckets.len() * max_load / 100`.
+    grow_at: usize,
     /// The entry for key 0.
     zero: Option<V>,
 }
@@ -61,6 +64,7 @@ impl<V: Copy + Default> AddrMap<V> {
             shift: 64 - n.trailing_zeros(),
             len: 0,
             max_load,
+            grow_at: n * max_load / 100,
             zero: None,
         }
     }
@@ -182,10 +186,42 @@ impl<V: Copy + Default> AddrMap<V> {
         }
     }
 
+    /// Removes `key` and returns its value when it is there and `take` says
+    /// so; `None` (and no change) otherwise, and always for key 0.
+    #[inline(always)]
+    pub fn take_if(&mut self, key: u64, take: impl FnOnce(&V) -> bool) -> Option<V> {
+        if key == 0 {
+            return None;
+        }
+        let i = self.find(key).ok()?;
+        let v = self.buckets[i].1;
+        if !take(&v) {
+            return None;
+        }
+        self.remove_at(i);
+        Some(v)
+    }
+
+    /// Inserts `key` when it is not there and returns true; false (and no
+    /// change) when it is, and always for key 0.
+    #[inline(always)]
+    pub fn insert_new(&mut self, key: u64, value: V) -> bool {
+        if key == 0 {
+            return false;
+        }
+        match self.find(key) {
+            Ok(_) => false,
+            Err(i) => {
+                self.insert_vacant(i, key, value);
+                true
+            }
+        }
+    }
+
     /// Puts a new entry into bucket `i`, the empty one `find` gave for it.
     #[inline(always)]
     fn insert_vacant(&mut self, i: usize, key: u64, value: V) {
-        if (self.len + 1) * 100 > self.buckets.len() * self.max_load {
+        if self.len >= self.grow_at {
             self.grow_insert(key, value);
         } else {
             self.buckets[i] = Bucket(key, value);

@@ -67,6 +67,16 @@
 //! of them: events come almost in time order) does not look at the
 //! tombstones at all.
 //!
+//! What follows from each event besides its address's state is of two
+//! kinds. Counts and sums (events, what each stack allocated) do not depend
+//! on the order, and in an exact trace read without snapshots the shards
+//! keep them. The running total of live bytes, its peak and the time line
+//! do depend on it: the shards leave each event's change to the total, and
+//! one pass in stream order adds them up (`Trace::merge_exact`). Sampled
+//! traces (whose estimates are floating-point sums, so order-sensitive in
+//! their last bits) and snapshots go the general way, an outcome per event
+//! applied in stream order (`Trace::merge`).
+//!
 //! A [`Snapshot`] asks for the blocks live at an earlier moment `T`: a block
 //! was live at `T` when it was allocated at or before `T` and freed after
 //! it. Such blocks are summed per stack when they die (so the snapshot costs
@@ -971,13 +981,12 @@ impl Shard {
         self.dead.retain(|_, &ts| ts >= horizon);
     }
 
-    /// Asks for the cache lines `e` will need.
+    /// Asks for the cache line `e` will need. (Only the live map's: the
+    /// tombstones are the few unmatched frees of the reorder window, a
+    /// table small enough to stay in the cache.)
     #[inline(always)]
     fn prefetch(&self, e: &Event) {
         self.live.prefetch(e.addr);
-        if e.kind == EventKind::Free || e.ts < self.dead_max_ts {
-            self.dead.prefetch(e.addr);
-        }
     }
 
     /// Feeds an event of one of this shard's addresses.
@@ -1002,6 +1011,7 @@ impl Shard {
     fn run<const EXACT: bool>(&mut self, events: &[Event], plan: &mut Plan, i: usize) {
         let Plan {
             shard,
+            count,
             outcomes,
             sweeps,
             clock,
@@ -1009,86 +1019,113 @@ impl Shard {
             tally,
             ..
         } = plan;
-        let mine = &shard[i][..];
+        let mine = shard[i].get(..count[i]).unwrap_or_default();
         let outcomes = &mut outcomes[i];
         outcomes.clear();
-        let tally = &mut tally[i];
-        *tally = Tally::default();
-        let mut sweeps = sweeps.iter().peekable();
-        for (i, &k) in mine.iter().enumerate() {
-            let k = k as usize;
-            while let Some(&&(at, ts)) = sweeps.peek() {
-                if at as usize > k {
-                    break;
-                }
-                self.sweep_at(ts);
-                sweeps.next();
-            }
-            if let Some(&next) = mine.get(i + PREFETCH_AHEAD) {
-                if let Some(next) = events.get(next as usize) {
-                    self.prefetch(next);
-                }
-            }
-            // The events themselves, further ahead (for shard 0 another
-            // core decoded them): the table's prefetch above reads one.
-            if let Some(ahead) = events.get(k + EVENTS_AHEAD) {
-                crate::addrmap::prefetch(ahead);
-            }
-            match events.get(k) {
-                Some(e) => {
-                    let o = self.event(e);
-                    if EXACT {
-                        let d = self.exact_effect(e, o, tally);
-                        if let Some(slot) = deltas.get_mut(k) {
-                            *slot = d;
-                        }
-                    } else {
-                        outcomes.push(o);
+        // Counted here, stored once.
+        let mut t = Tally::default();
+        let mut from = 0;
+        let mut sweeps = sweeps.iter();
+        loop {
+            // The events before the next sweep (all that are left after
+            // the last one).
+            let sweep = sweeps.next();
+            let to = match sweep {
+                Some(&(at, _)) => from + mine[from..].partition_point(|&k| k < at),
+                None => mine.len(),
+            };
+            for (j, &k) in mine[from..to].iter().enumerate() {
+                let k = k as usize;
+                if let Some(&next) = mine.get(from + j + PREFETCH_AHEAD) {
+                    if let Some(next) = events.get(next as usize) {
+                        self.prefetch(next);
                     }
                 }
-                None if !EXACT => outcomes.push(Outcome::Unknown),
-                None => {}
+                // The events themselves, further ahead (for shard 0 another
+                // core decoded them): the table's prefetch above reads one.
+                if let Some(ahead) = events.get(k + EVENTS_AHEAD) {
+                    crate::addrmap::prefetch(ahead);
+                }
+                match events.get(k) {
+                    Some(e) => {
+                        if EXACT {
+                            let d = self.exact_event(e, &mut t);
+                            if let Some(slot) = deltas.get_mut(k) {
+                                *slot = d;
+                            }
+                        } else {
+                            outcomes.push(self.event(e));
+                        }
+                    }
+                    None if !EXACT => outcomes.push(Outcome::Unknown),
+                    None => {}
+                }
+            }
+            from = to;
+            match sweep {
+                Some(&(_, ts)) => self.sweep_at(ts),
+                None => break,
             }
         }
-        for &(_, ts) in sweeps {
-            self.sweep_at(ts);
-        }
+        tally[i] = t;
         self.last_ts = clock.last_ts;
         self.last_sweep_ts = clock.last_sweep_ts;
     }
 
-    /// What [`Trace::apply`] does with an event of an exact trace, except
-    /// for the running total: counted into `t`, summed per stack; returns
-    /// the change to the live total (two's complement).
+    /// [`Shard::event`], and what [`Trace::apply`] does with the outcome
+    /// in an exact trace, except for the running total: counted into `t`,
+    /// summed per stack; returns the change to the live total (two's
+    /// complement). The common cases, a free of the address's live block
+    /// and an allocation at an address without one, take one probe of the
+    /// live map and no [`Outcome`].
     #[inline(always)]
-    fn exact_effect(&mut self, e: &Event, o: Outcome, t: &mut Tally) -> u64 {
+    fn exact_event(&mut self, e: &Event, t: &mut Tally) -> u64 {
         if e.kind == EventKind::Free {
             t.frees += 1;
+            if let Some(b) = self.live.take_if(e.addr, |b| b.ts < e.ts) {
+                return b.block().size.wrapping_neg();
+            }
         } else {
             t.allocs += 1;
             let a = self.per_stack.get(e.stack);
             a.bytes += u128::from(e.size);
             a.objects += 1;
+            let block = Slot::of(e.ts, e.size, e.stack, e.kind == EventKind::Sample);
+            // Later than every tombstone: they need no look (`alloc`).
+            if e.ts >= self.dead_max_ts && self.live.insert_new(e.addr, block) {
+                return e.size;
+            }
         }
-        match o {
-            Outcome::Born => e.size,
-            Outcome::Died(old) => old.block().size.wrapping_neg(),
-            Outcome::Replaced(old) => {
-                t.lost_frees += 1;
-                e.size.wrapping_sub(old.block().size)
-            }
-            Outcome::Late(_) => {
-                t.late_allocs += 1;
-                0
-            }
-            Outcome::Unmatched => {
-                t.unmatched_frees += 1;
-                0
-            }
-            Outcome::Unknown => 0,
-        }
+        let o = self.event(e);
+        exact_effect(e, o, t)
     }
+}
 
+/// The change to the live total of an event of an exact trace, given what
+/// its shard said it did ([`Shard::exact_event`]), counting the rarer
+/// outcomes into `t`.
+#[inline(never)]
+fn exact_effect(e: &Event, o: Outcome, t: &mut Tally) -> u64 {
+    match o {
+        Outcome::Born => e.size,
+        Outcome::Died(old) => old.block().size.wrapping_neg(),
+        Outcome::Replaced(old) => {
+            t.lost_frees += 1;
+            e.size.wrapping_sub(old.block().size)
+        }
+        Outcome::Late(_) => {
+            t.late_allocs += 1;
+            0
+        }
+        Outcome::Unmatched => {
+            t.unmatched_frees += 1;
+            0
+        }
+        Outcome::Unknown => 0,
+    }
+}
+
+impl Shard {
     /// The sweep [`Shard::see_ts`] makes when the time is `ts`.
     fn sweep_at(&mut self, ts: u64) {
         self.last_ts = ts;
@@ -1190,8 +1227,11 @@ struct Clock {
 /// neither shard looks at the other's events.
 #[derive(Clone, Debug, Default)]
 struct Plan {
-    /// Indices of the events of shard 0 and of shard 1.
+    /// Indices of the events of shard 0 and of shard 1: the first
+    /// `count[i]` of `shard[i]` (the lists keep their length from batch to
+    /// batch, so that they are not cleared each time).
     shard: [Vec<u32>; 2],
+    count: [usize; 2],
     /// What each of those events did, in the same order (each shard writes
     /// its own: no cache line is written by both threads).
     outcomes: [Vec<Outcome>; 2],
@@ -1242,8 +1282,9 @@ impl Plan {
         // Both lists written for every event, the right one advanced: no
         // branch to mispredict.
         for list in &mut self.shard {
-            list.clear();
-            list.resize(n, 0);
+            if list.len() < n {
+                list.resize(n, 0);
+            }
         }
         let (zero, one) = self.shard.split_at_mut(1);
         let (zero, one) = (&mut zero[0][..], &mut one[0][..]);
@@ -1293,8 +1334,7 @@ impl Plan {
             }
         }
         self.clock = c;
-        self.shard[0].truncate(a);
-        self.shard[1].truncate(b);
+        self.count = [a, b];
     }
 }
 
@@ -1467,7 +1507,7 @@ pub fn read_trace_watched<R: Read + Send>(
     const SPLIT: u8 = 80;
     /// The same when the shards do most of the in-order work
     /// ([`Shard::run`]'s `EXACT`).
-    const SPLIT_EXACT: u8 = 43;
+    const SPLIT_EXACT: u8 = 28;
     type Work = (Batch, Plan);
     // One message per batch of thousands of events: moving its few hundred
     // bytes costs nothing next to boxing it.
@@ -1693,7 +1733,10 @@ mod tests {
         let mut pending: Vec<(bool, u64, u64, u64, u64)> = Vec::new();
         let mut ts = 0u64;
         for i in 0..60_000u64 {
-            ts += 1 + rnd() % 200_000;
+            // Now and then two events in the same nanosecond.
+            if rnd() % 8 != 0 {
+                ts += 1 + rnd() % 200_000;
+            }
             let r = rnd();
             if live.len() < 500 || r % 2 == 0 {
                 let addr = if r % 997 == 0 { 0 } else { (rnd() % 3000) * 16 };
