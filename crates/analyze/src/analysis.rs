@@ -1022,6 +1022,7 @@ impl Shard {
         let mine = shard[i].get(..count[i]).unwrap_or_default();
         let outcomes = &mut outcomes[i];
         outcomes.clear();
+        let deltas = &mut deltas[..];
         // Counted here, stored once.
         let mut t = Tally::default();
         let mut from = 0;
