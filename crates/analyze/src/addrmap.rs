@@ -330,6 +330,22 @@ impl<V: Copy + Default> AddrMap<V> {
     }
 }
 
+/// A hint to load the cache line at `p`, which need not point into any
+/// object (a prefetch reads nothing the program sees and never faults); no
+/// effect on other targets.
+#[inline(always)]
+pub fn prefetch_ptr<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `_mm_prefetch` needs SSE, which every x86_64 CPU has, and it
+    // neither reads program-visible memory nor faults, whatever the address.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// A hint to load the cache line holding `r`; no effect on other targets.
 #[inline(always)]
 pub fn prefetch<T>(r: &T) {

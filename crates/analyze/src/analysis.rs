@@ -1044,9 +1044,8 @@ impl Shard {
                 }
                 // The events themselves, further ahead (for shard 0 another
                 // core decoded them): the table's prefetch above reads one.
-                if let Some(ahead) = events.get(k + EVENTS_AHEAD) {
-                    crate::addrmap::prefetch(ahead);
-                }
+                // (A prefetch past the end is a hint like any other.)
+                crate::addrmap::prefetch_ptr(events.as_ptr().wrapping_add(k + EVENTS_AHEAD));
                 match events.get(k) {
                     Some(e) => {
                         if EXACT {
@@ -1068,6 +1067,9 @@ impl Shard {
                 None => break,
             }
         }
+        // Every event is a free or an allocation: only the frees were
+        // counted.
+        t.allocs = mine.len() as u64 - t.frees;
         tally[i] = t;
         self.last_ts = clock.last_ts;
         self.last_sweep_ts = clock.last_sweep_ts;
@@ -1087,7 +1089,6 @@ impl Shard {
                 return b.block().size.wrapping_neg();
             }
         } else {
-            t.allocs += 1;
             let a = self.per_stack.get(e.stack);
             a.bytes += u128::from(e.size);
             a.objects += 1;
