@@ -1478,11 +1478,14 @@ pub fn read_trace<R: Read + Send>(reader: R) -> Result<Trace, DecodeError> {
 /// shard's events and passes the batch on; this thread feeds the other
 /// shard's events, then walks the batch in stream order to apply what each
 /// event did (running totals, peak, timeline, snapshots) and the other
-/// records. Every address's events are seen by one shard in stream order,
-/// and everything else in stream order, so the result is the one
-/// [`Trace::record`] gives record by record (a test checks it). (Decoding
-/// itself is sequential: every record's time and address are deltas from
-/// the previous one.)
+/// records. (For an exact trace read without snapshots the shards also
+/// count the events and sum them per stack, and the walk in stream order
+/// only adds up each event's change to the live total: see "Speed" in the
+/// module documentation.) Every address's events are seen by one shard in
+/// stream order, and everything else in stream order, so the result is the
+/// one [`Trace::record`] gives record by record (a test checks it).
+/// (Decoding itself is sequential: every record's time and address are
+/// deltas from the previous one.)
 pub fn read_trace_with<R: Read + Send>(
     reader: R,
     snapshots: Vec<Snapshot>,
