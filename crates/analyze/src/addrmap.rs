@@ -348,17 +348,8 @@ pub fn prefetch_ptr<T>(p: *const T) {
 
 /// A hint to load the cache line holding `r`; no effect on other targets.
 #[inline(always)]
-pub fn prefetch<T>(r: &T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `_mm_prefetch` needs SSE, which every x86_64 CPU has (it is
-    // in the target's baseline features), and a prefetch reads nothing the
-    // program sees and never faults; the pointer comes from a reference.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>((r as *const T).cast::<i8>());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = r;
+fn prefetch<T>(r: &T) {
+    prefetch_ptr(r as *const T);
 }
 
 #[cfg(test)]

@@ -563,7 +563,7 @@ impl Trace {
             self.unmatched_frees += t.unmatched_frees;
         }
         let n = batch.events.len();
-        let records = std::mem::take(&mut batch.records);
+        let mut records = std::mem::take(&mut batch.records);
         let stops: Vec<(usize, Option<u64>)> = records
             .iter()
             .map(|(at, rec)| (*at, record_ts(rec)))
@@ -584,7 +584,6 @@ impl Trace {
                 k = end;
             }
         };
-        let mut records = records;
         for (at, rec) in records.drain(..) {
             let at = at.clamp(done, n);
             segment(self, done, at);
