@@ -40,6 +40,9 @@ pub struct Config {
     pub flush_ms: u64,
     /// How often the writer records RSS and allocator statistics; 0 = never.
     pub stats_ms: u64,
+    /// Whether `stats_ms` was asked for (MTRACE_RS_STATS_MS), and is then
+    /// kept to even when the records cost more than the default allows.
+    pub stats_ms_set: bool,
     pub unwind: Unwind,
     /// Scan for unreachable blocks at exit (exact mode only).
     pub leak_scan: bool,
@@ -66,6 +69,7 @@ impl Config {
             seed: None,
             flush_ms: 10,
             stats_ms: 100,
+            stats_ms_set: false,
             unwind: Unwind::Dwarf,
             leak_scan: false,
             mmap: false,
@@ -144,7 +148,10 @@ impl Config {
         }
         if let Some(v) = getenv(b"MTRACE_RS_STATS_MS\0") {
             match parse_u64(v) {
-                Some(n) if n <= 3_600_000 => c.stats_ms = n,
+                Some(n) if n <= 3_600_000 => {
+                    c.stats_ms = n;
+                    c.stats_ms_set = true;
+                }
                 _ => {
                     bad(b"MTRACE_RS_STATS_MS", v, b"expected milliseconds (0 = off)");
                     ok = false;
