@@ -38,53 +38,40 @@ fn align_for(d: Decision) -> bool {
 }
 
 /// A sampled block for the program, at an address whose low twelve bits are
-/// `TAG` (see sampled.rs): an ordinary block one page larger is allocated,
-/// the first such address inside it is handed out, and the block's own
-/// address is kept in the word just before it for the free. A plain malloc,
-/// not memalign: glibc's memalign splits chunks and fragments the heap, and
-/// cost the sampled churn benchmark several percent. Null when the real
-/// allocator fails.
+/// `TAG` (see sampled.rs): up to `pool::MAX` bytes, a block of the pool's
+/// pages; beyond, an ordinary block one page larger is allocated, the first
+/// such address inside it is handed out, and the block's own address is
+/// kept in the word just before it for the free. A plain malloc, not
+/// memalign: glibc's memalign splits chunks and fragments the heap, and cost
+/// the sampled churn benchmark several percent. Null when the real allocator
+/// fails.
 unsafe fn sampled_alloc(size: usize) -> *mut c_void {
     // SAFETY: as the function's contract.
     unsafe { sampled_chunk(size, false) }
 }
 
-/// Blocks at least this large are zeroed for calloc by the real calloc,
-/// which knows when its memory is fresh from the kernel or the top of the
-/// heap and skips the clearing (a sampled 1 MiB calloc cleared by hand
-/// faulted in all of its pages; on the churn benchmark, clearing the 4-64 KiB
-/// ones by hand cost 0.5% of the run in callgrind). Smaller ones are cleared
-/// by hand, since the real calloc would clear the page of padding too: from
-/// a page up, that at most doubles the clearing it does not skip.
-const CALLOC_BY_REAL: usize = 4 << 10;
-
 /// `sampled_alloc` for calloc: the program's `size` bytes are zero.
 unsafe fn sampled_zeroed(size: usize) -> *mut c_void {
-    if size >= CALLOC_BY_REAL {
-        // SAFETY: as sampled_alloc.
-        return unsafe { sampled_chunk(size, true) };
-    }
-    // SAFETY: as sampled_alloc; on success the block has `size` writable
-    // bytes.
-    unsafe {
-        let p = sampled_alloc(size);
-        if !p.is_null() {
-            core::ptr::write_bytes(p as *mut u8, 0, size);
-        }
-        p
-    }
+    // SAFETY: as sampled_alloc.
+    unsafe { sampled_chunk(size, true) }
 }
 
-/// The tagged block behind `sampled_alloc`, zeroed by the real calloc when
-/// `zeroed`.
+/// The tagged block behind `sampled_alloc`, zeroed when `zeroed`. A pool
+/// block is cleared by hand, the program's bytes only: once the pool has
+/// warmed up its blocks are recycled ones, which glibc would have cleared as
+/// well. A larger one is cleared by the real calloc, which knows when its
+/// memory is fresh from the kernel or the top of the heap and skips the
+/// clearing (a sampled 1 MiB calloc cleared by hand faulted in all of its
+/// pages).
 unsafe fn sampled_chunk(size: usize, zeroed: bool) -> *mut c_void {
     if size <= pool::MAX {
-        if let Some(page) = pool::take() {
+        if let Some((page, word)) = pool::take(size) {
             let p = page + sampled::TAG;
-            // SAFETY: a page of our own: the chunk word (marked as a pool
-            // page) before the block, and `size` bytes from p in the page.
+            // SAFETY: a block of our own: the chunk word (marked as a pool
+            // block) before the program's block, and `size` bytes from p in
+            // it.
             unsafe {
-                *((p - 8) as *mut usize) = page | pool::MARK;
+                *((p - 8) as *mut usize) = word;
                 if zeroed {
                     core::ptr::write_bytes(p as *mut u8, 0, size);
                 }
@@ -126,7 +113,7 @@ unsafe fn sampled_chunk(size: usize, zeroed: bool) -> *mut c_void {
 unsafe fn free_chunk(chunk: usize) {
     if chunk & pool::MARK != 0 {
         // SAFETY: as the contract.
-        unsafe { pool::give(chunk & !pool::MARK) }
+        unsafe { pool::give(chunk) }
     } else {
         // SAFETY: as the contract.
         unsafe { real::free(chunk as *mut c_void) }
@@ -143,7 +130,7 @@ unsafe fn sampled_usable(p: *mut c_void) -> usize {
     unsafe {
         let chunk = sampled::chunk_of(p as usize);
         if chunk & pool::MARK != 0 {
-            return pool::MAX;
+            return pool::end(chunk) - p as usize;
         }
         real::malloc_usable_size(chunk as *mut c_void).saturating_sub(p as usize - chunk)
     }
@@ -509,6 +496,17 @@ fn aligned_slow(
         }
         let d = tracer::decide(t, size);
         let p = if align_for(d) {
+            if align <= sampled::ALIGN && size <= pool::MAX - (sampled::ALIGN - sampled::TAG) {
+                // A pool block with a page more in front: the program gets
+                // its second page.
+                if let Some((page, word)) = pool::take(size + (sampled::ALIGN - sampled::TAG)) {
+                    let p = page + sampled::ALIGN;
+                    // SAFETY: a block of our own of at least `size` bytes
+                    // past p; p - 8 lies in its first page.
+                    unsafe { *((p - 8) as *mut usize) = word };
+                    return record_aligned(t, p as *mut c_void, size, d, align, &mut alloc);
+                }
+            }
             let unit = align.max(sampled::ALIGN);
             let Some(total) = size.checked_add(unit) else {
                 sys::set_errno(libc::ENOMEM);
@@ -526,16 +524,32 @@ fn aligned_slow(
         } else {
             alloc(align, size)
         };
-        if d != Decision::Skip && !p.is_null() && !tracer::record_alloc(t, p, size, d) {
-            // Not marked as sampled: swap it for a plain block, whose free
-            // needs no marking.
-            let q = alloc(align, size);
-            // SAFETY: the sampled block's chunk, never handed out.
-            unsafe { free_chunk(sampled::chunk_of(p as usize)) };
-            return q;
+        if p.is_null() {
+            return p;
         }
-        p
+        record_aligned(t, p, size, d, align, &mut alloc)
     })
+}
+
+/// Records the aligned block `p` (non-null) if `d` says so, and returns the
+/// block for the program.
+fn record_aligned(
+    t: &Tls,
+    p: *mut c_void,
+    size: usize,
+    d: Decision,
+    align: usize,
+    alloc: &mut impl FnMut(usize, usize) -> *mut c_void,
+) -> *mut c_void {
+    if d != Decision::Skip && !tracer::record_alloc(t, p, size, d) {
+        // Not marked as sampled: swap it for a plain block, whose free
+        // needs no marking.
+        let q = alloc(align, size);
+        // SAFETY: the sampled block's chunk, never handed out.
+        unsafe { free_chunk(sampled::chunk_of(p as usize)) };
+        return q;
+    }
+    p
 }
 
 countdown_entry! {

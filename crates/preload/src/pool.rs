@@ -1,45 +1,95 @@
-//! Pages of our own for small sampled blocks.
+//! Blocks of our own for sampled blocks of up to 64 KiB.
 //!
 //! A sampled block must sit at a tagged address (sampled.rs), so glibc was
 //! asked for a chunk one page larger than the block. Such a chunk is past
-//! glibc's thread cache and its small bins: its malloc and free went through
-//! the large bins and consolidation, and on the churn benchmark glibc's own
-//! functions took about 1.5% more time than bare. A block of at most
-//! [`MAX`] bytes now gets a page of this pool instead: the program's address
-//! is the page plus `TAG`, the key is the page's first word and the page's
-//! address, with [`MARK`] set, its second (where `sampled::chunk_of` looks),
-//! so that the free hands the page back here instead of to glibc.
+//! glibc's thread cache and its small bins, and a page of padding the
+//! program never uses: its malloc and free went through the large bins and
+//! consolidation, and calloc cleared the padding too. A block of at most
+//! [`MAX`] bytes gets a block of this pool instead, of as many whole pages
+//! as it needs with the two words in front (`CLASSES` size classes, one to
+//! sixteen pages): the program's address is the block's first page plus
+//! `TAG`, the key is the page's first word and the chunk word (the page,
+//! the class and [`MARK`]) its second (where `sampled::chunk_of` looks), so
+//! that the free hands the block back here instead of to glibc. glibc never
+//! sees these blocks, and its heap is the one the program would have
+//! without the tracer, less the sampled blocks.
 //!
-//! The free pages form a lock-free stack (nothing to hold across `fork`):
-//! the head is a page address with a 28-bit generation in the bits a page
-//! address leaves unused (its low 12 and the top 16 of a user-space
+//! Each class's free blocks form a lock-free stack (nothing to hold across
+//! `fork`): the head is a page address with a 28-bit generation in the bits
+//! a page address leaves unused (its low 12 and the top 16 of a user-space
 //! address), so that a pop that read a stale `next` fails its
-//! compare-and-swap unless 2^28 pushes and pops happened in between; a
-//! free page's `next` is its second word. Pages are mapped `REFILL` at a time and
-//! never unmapped: the pool holds at most as many pages as there were small
-//! sampled blocks live at once (each one took a page of glibc's heap
-//! before).
+//! compare-and-swap unless 2^28 pushes and pops happened in between; a free
+//! block's `next` is its second word. Blocks are mapped 64 KiB (or one
+//! block) at a time and never unmapped: the pool holds, per class, at most
+//! as many blocks as there were sampled blocks of that class live at once
+//! (each took as much of glibc's heap, and a page more, before). Pool
+//! blocks are not in glibc's statistics (mallinfo2).
 
 use core::sync::atomic::{AtomicUsize, Ordering::*};
 
 use crate::real;
 use crate::sampled::{ALIGN, TAG};
+use crate::tracer::TLS;
 
-/// The largest block a pool page holds.
-pub const MAX: usize = ALIGN - TAG;
+/// Size classes: a block of class `k` spans `k + 1` pages.
+pub const CLASSES: usize = 16;
 
-/// Set in a chunk word that names a pool page (glibc's chunks are 16-byte
-/// aligned: the bit is never set in theirs).
+/// The largest block the pool holds: 64 KiB less the two words in front.
+pub const MAX: usize = CLASSES * ALIGN - TAG;
+
+/// Set in a chunk word that names a pool block (glibc's chunks are 16-byte
+/// aligned: the bit is never set in theirs); the class sits in the bits
+/// above it, the block's first page in the rest.
 pub const MARK: usize = 1;
-
-/// Pages mapped at once.
-const REFILL: usize = 16;
 
 /// The bits of a head that hold the page: a user-space address below 2^47.
 const PAGE_BITS: usize = 0x0000_7fff_ffff_f000;
 
-/// The free pages: top page, with a generation (see the module docs).
-static HEAD: AtomicUsize = AtomicUsize::new(0);
+/// Bytes mapped at once for a class (at least one block).
+const REFILL_BYTES: usize = 16 * ALIGN;
+
+/// A class's free blocks: first page, with a generation (see the module
+/// docs). One cache line each, so that two threads taking blocks of
+/// different sizes do not pass a line back and forth.
+#[repr(align(64))]
+struct Head(AtomicUsize);
+
+/// Sets of heads: a thread takes from and gives to its own set
+/// (`Tls::pool_home`, assigned in turn), so that two threads sampling
+/// blocks of the same sizes do not pass a head's cache line back and forth
+/// on every take and give (on the churn benchmark a shared head cost about
+/// 90 ns a take); when its own set has none of a class it takes another
+/// set's before mapping more.
+pub const SETS: usize = 4;
+
+static HEADS: [[Head; CLASSES]; SETS] =
+    [const { [const { Head(AtomicUsize::new(0)) }; CLASSES] }; SETS];
+
+/// The calling thread's set.
+#[inline]
+fn home() -> usize {
+    TLS.with(|t| t.pool_home()) % SETS
+}
+
+/// The class of a block of `size` bytes (at most [`MAX`]): its pages less
+/// one, counting the two words in front.
+#[inline]
+pub fn class_of(size: usize) -> usize {
+    (size + TAG - 1) / ALIGN
+}
+
+/// The chunk word of the block of class `class` at `page`.
+#[inline]
+fn word(page: usize, class: usize) -> usize {
+    page | class << 1 | MARK
+}
+
+/// The end of the pool block whose chunk word is `word`: the program may
+/// use the bytes from its address up to here.
+#[inline]
+pub fn end(word: usize) -> usize {
+    (word & !(ALIGN - 1)) + (((word & (ALIGN - 1)) >> 1 & (CLASSES - 1)) + 1) * ALIGN
+}
 
 /// `page` with the generation after the one in `head`.
 #[inline]
@@ -49,57 +99,60 @@ fn next_head(head: usize, page: usize) -> usize {
     page | (gen & 0xfff) | ((gen >> 12) << 48)
 }
 
-/// The word of `page` that links it to the next free page (its chunk word
-/// while it holds a block).
+/// The word of a block (at `page`, its first) that links it to the next
+/// free block of its class (its chunk word while it holds a block).
 ///
 /// # Safety
-/// `page` is a pool page (mapped for good).
+/// `page` starts a pool block (mapped for good).
 unsafe fn link(page: usize) -> &'static AtomicUsize {
     // SAFETY: as the contract; 8-aligned.
     unsafe { &*((page + 8) as *const AtomicUsize) }
 }
 
-/// Pushes the chain `first ..= last` (linked already) onto the free stack.
+/// Pushes the chain `first ..= last` (linked already) onto a class's stack.
 ///
 /// # Safety
-/// The pages are pool pages no block uses.
-unsafe fn push_chain(first: usize, last: usize) {
-    let mut head = HEAD.load(Relaxed);
+/// The blocks are pool blocks of that class no block uses.
+unsafe fn push_chain(head_of: &AtomicUsize, first: usize, last: usize) {
+    let mut head = head_of.load(Relaxed);
     loop {
         // SAFETY: as the contract.
         unsafe { link(last) }.store(head & PAGE_BITS, Relaxed);
         let new = next_head(head, first);
-        match HEAD.compare_exchange_weak(head, new, Release, Relaxed) {
+        match head_of.compare_exchange_weak(head, new, Release, Relaxed) {
             Ok(_) => return,
             Err(h) => head = h,
         }
     }
 }
 
-/// A free page, or `None` when the stack is empty.
-fn pop() -> Option<usize> {
-    let mut head = HEAD.load(Acquire);
+/// A free block of a class, or `None` when its stack is empty.
+fn pop(head_of: &AtomicUsize) -> Option<usize> {
+    let mut head = head_of.load(Acquire);
     loop {
         let page = head & PAGE_BITS;
         if page == 0 {
             return None;
         }
-        // SAFETY: a pool page stays mapped; if another thread took it
+        // SAFETY: a pool block stays mapped; if another thread took it
         // meanwhile, the word read is stale and the exchange below fails
         // (the generation moved on).
         let next = unsafe { link(page) }.load(Relaxed) & PAGE_BITS;
         let new = next_head(head, next);
-        match HEAD.compare_exchange_weak(head, new, Acquire, Acquire) {
+        match head_of.compare_exchange_weak(head, new, Acquire, Acquire) {
             Ok(_) => return Some(page),
             Err(h) => head = h,
         }
     }
 }
 
-/// Maps `REFILL` pages, keeps one and frees the others; `None` when the
+/// Maps blocks of a class (`REFILL_BYTES` or one block, whichever is
+/// larger), keeps one and frees the others into set `set`; `None` when the
 /// system refuses memory.
-fn refill() -> Option<usize> {
-    let len = REFILL * ALIGN;
+fn refill(class: usize, set: usize) -> Option<usize> {
+    let block = (class + 1) * ALIGN;
+    let count = (REFILL_BYTES / block).max(1);
+    let len = count * block;
     // SAFETY: a fresh private anonymous mapping, through the real mmap so
     // that it is not taken for one of the program's.
     let base = unsafe {
@@ -123,32 +176,43 @@ fn refill() -> Option<usize> {
         unsafe { real::munmap(base as *mut libc::c_void, len) };
         return None;
     }
-    let first = base + ALIGN;
-    let last = base + (REFILL - 1) * ALIGN;
-    let mut page = first;
-    while page < last {
-        // SAFETY: pages of the mapping just made.
-        unsafe { link(page) }.store(page + ALIGN, Relaxed);
-        page += ALIGN;
+    if count > 1 {
+        let first = base + block;
+        let last = base + (count - 1) * block;
+        let mut page = first;
+        while page < last {
+            // SAFETY: blocks of the mapping just made.
+            unsafe { link(page) }.store(page + block, Relaxed);
+            page += block;
+        }
+        // SAFETY: the mapping's blocks but the first, linked above, unused.
+        unsafe { push_chain(&HEADS[set][class].0, first, last) };
     }
-    // SAFETY: the mapping's pages but the first, linked above, unused.
-    unsafe { push_chain(first, last) };
     Some(base)
 }
 
-/// A page for a sampled block of at most [`MAX`] bytes; `None` when the
-/// system refuses memory (the caller then asks glibc).
-pub fn take() -> Option<usize> {
-    pop().or_else(refill)
+/// A block for a sampled block of `size` bytes (at most [`MAX`]), as its
+/// first page and its chunk word; `None` when the system refuses memory
+/// (the caller then asks glibc).
+pub fn take(size: usize) -> Option<(usize, usize)> {
+    let class = class_of(size);
+    let set = home();
+    let page = pop(&HEADS[set][class].0)
+        .or_else(|| (1..SETS).find_map(|i| pop(&HEADS[(set + i) % SETS][class].0)))
+        .or_else(|| refill(class, set))?;
+    Some((page, word(page, class)))
 }
 
-/// Gives back a page from [`take`] whose block was freed (its key cleared).
+/// Gives back a block from [`take`], by its chunk word, whose program block
+/// was freed (its key cleared).
 ///
 /// # Safety
-/// `page` came from [`take`] and nothing refers to its block any more.
-pub unsafe fn give(page: usize) {
+/// `word` came from [`take`] and nothing refers to its block any more.
+pub unsafe fn give(word: usize) {
+    let page = word & !(ALIGN - 1);
+    let class = (word & (ALIGN - 1)) >> 1 & (CLASSES - 1);
     // SAFETY: as the contract.
-    unsafe { push_chain(page, page) }
+    unsafe { push_chain(&HEADS[home()][class].0, page, page) }
 }
 
 #[cfg(test)]
@@ -156,64 +220,96 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pages_are_reused_and_distinct_while_held() {
-        let held: Vec<usize> = (0..3 * REFILL).map(|_| take().unwrap()).collect();
-        let mut sorted = held.clone();
-        sorted.sort_unstable();
-        sorted.dedup();
-        assert_eq!(sorted.len(), held.len(), "a page handed out twice");
-        assert!(held.iter().all(|p| p % ALIGN == 0));
-        for &p in &held {
-            // SAFETY: our pages, no longer used.
-            unsafe { give(p) };
+    fn classes_cover_every_size_up_to_max() {
+        assert_eq!(class_of(0), 0);
+        assert_eq!(class_of(ALIGN - TAG), 0);
+        assert_eq!(class_of(ALIGN - TAG + 1), 1);
+        assert_eq!(class_of(MAX), CLASSES - 1);
+        for size in [1, 100, ALIGN - TAG, ALIGN, 3 * ALIGN + 5, MAX] {
+            let c = class_of(size);
+            let w = word(0x7000_0000_0000, c);
+            let usable = end(w) - (0x7000_0000_0000 + TAG);
+            assert!(usable >= size, "size {size}");
+            assert!(usable < size + ALIGN, "size {size}");
+            assert_eq!(w & MARK, MARK);
         }
-        let again: Vec<usize> = (0..held.len()).map(|_| take().unwrap()).collect();
-        let mut a = again.clone();
-        a.sort_unstable();
-        assert_eq!(
-            a, sorted,
-            "freed pages come back before new ones are mapped"
-        );
-        for &p in &again {
-            // SAFETY: as above.
-            unsafe { give(p) };
-        }
-        // (One test: the pool is global, and tests run in parallel.)
-        threads_never_share_a_page();
     }
 
-    fn threads_never_share_a_page() {
+    #[test]
+    fn blocks_are_reused_and_distinct_while_held() {
+        for size in [64, ALIGN - TAG, 5000, 3 * ALIGN, MAX] {
+            let n = 3 * REFILL_BYTES / ALIGN;
+            let held: Vec<(usize, usize)> = (0..n).map(|_| take(size).unwrap()).collect();
+            let mut sorted: Vec<usize> = held.iter().map(|h| h.0).collect();
+            sorted.sort_unstable();
+            sorted.dedup();
+            assert_eq!(sorted.len(), held.len(), "a block handed out twice");
+            let span = (class_of(size) + 1) * ALIGN;
+            assert!(
+                sorted.windows(2).all(|w| w[1] - w[0] >= span),
+                "blocks of {size} bytes overlap"
+            );
+            for &(p, w) in &held {
+                assert_eq!(p % ALIGN, 0);
+                assert_eq!(w & !(ALIGN - 1), p);
+                assert!(end(w) - (p + TAG) >= size);
+                // The whole block is ours to write.
+                // SAFETY: a block just taken, up to `end` from p + TAG.
+                unsafe { core::ptr::write_bytes((p + TAG) as *mut u8, 0xa5, end(w) - (p + TAG)) };
+            }
+            for &(_, w) in &held {
+                // SAFETY: our blocks, no longer used.
+                unsafe { give(w) };
+            }
+            let again: Vec<usize> = (0..held.len()).map(|_| take(size).unwrap().0).collect();
+            let mut a = again.clone();
+            a.sort_unstable();
+            assert_eq!(
+                a, sorted,
+                "freed blocks come back before new ones are mapped"
+            );
+            for &p in &again {
+                // SAFETY: as above.
+                unsafe { give(word(p, class_of(size))) };
+            }
+        }
+        // (One test: the pool is global, and tests run in parallel.)
+        threads_never_share_a_block();
+    }
+
+    fn threads_never_share_a_block() {
         let handles: Vec<_> = (0..4)
-            .map(|_| {
-                std::thread::spawn(|| {
+            .map(|t| {
+                std::thread::spawn(move || {
                     let mut mine = Vec::new();
                     for round in 0..2000usize {
-                        let p = take().unwrap();
+                        let size = if round % 2 == 0 { 100 } else { 2 * ALIGN + t };
+                        let (p, w) = take(size).unwrap();
                         // The block's words are ours alone while held.
-                        // SAFETY: a page just taken.
+                        // SAFETY: a block just taken.
                         unsafe { *((p + TAG) as *mut usize) = round };
-                        mine.push(p);
+                        mine.push((p, w));
                         if round % 3 == 0 {
                             let q = mine.swap_remove(round % mine.len());
-                            // SAFETY: our page, held by no one else.
-                            unsafe { give(q) };
+                            // SAFETY: our block, held by no one else.
+                            unsafe { give(q.1) };
                         }
                     }
                     mine
                 })
             })
             .collect();
-        let mut all: Vec<usize> = handles
+        let mut all: Vec<(usize, usize)> = handles
             .into_iter()
             .flat_map(|h| h.join().unwrap())
             .collect();
         let n = all.len();
         all.sort_unstable();
-        all.dedup();
-        assert_eq!(all.len(), n, "two threads held the same page");
-        for p in all {
+        all.dedup_by_key(|b| b.0);
+        assert_eq!(all.len(), n, "two threads held the same block");
+        for (_, w) in all {
             // SAFETY: as above.
-            unsafe { give(p) };
+            unsafe { give(w) };
         }
     }
 }

@@ -4,9 +4,9 @@
 //! A free must tell a sampled block from the millions of unsampled ones
 //! without a shared lookup. A sampled block is therefore placed where glibc
 //! rarely puts one, at an address whose low twelve bits read 0x010 (`TAG`):
-//! a block of at most a page less 16 bytes gets a page of the tracer's own
-//! (pool.rs: glibc never sees it), a larger one the first such address in a
-//! block the tracer allocates one page larger. Aligned allocations that need more than 16-byte alignment get
+//! a block of at most 64 KiB less 16 bytes gets whole pages of the tracer's
+//! own (pool.rs: glibc never sees it), a larger one the first such address
+//! in a block the tracer allocates one page larger. Aligned allocations that need more than 16-byte alignment get
 //! the address one alignment unit (at least a page) into their chunk, low
 //! bits 0x000. Either way the two words before the program's address belong
 //! to the chunk: the word at `p - 8` holds the chunk's own address, the one
@@ -86,8 +86,8 @@ pub fn tagged_in(chunk: usize) -> usize {
 }
 
 /// The chunk word of the program's sampled block `p`, stored in the word
-/// before it: the address the real allocator knows, or a pool page's with
-/// `pool::MARK` set (api.rs gives either back with `free_chunk`).
+/// before it: the address the real allocator knows, or a pool block's word
+/// with `pool::MARK` set (api.rs gives either back with `free_chunk`).
 ///
 /// # Safety
 /// `p` must be a live sampled block (or one just taken out).

@@ -76,6 +76,9 @@ pub struct Tls {
     /// The writer thread: never traced.
     internal: Cell<bool>,
     ready: Cell<bool>,
+    /// Which of the pool's sets of free blocks this thread takes from and
+    /// gives to first (pool.rs).
+    pool_home: Cell<u8>,
 }
 
 /// Bytes reserved for `Tls` in the TLS segment.
@@ -125,6 +128,14 @@ impl TlsKey {
         // memory, alive as long as the thread, and all-zero is a valid Tls.
         // `Tls` is only mutated through `Cell`s, on this thread.
         f(unsafe { &*p })
+    }
+}
+
+impl Tls {
+    /// The calling thread's set in the pool (0 until the thread samples).
+    #[inline]
+    pub fn pool_home(&self) -> usize {
+        self.pool_home.get() as usize
     }
 }
 
@@ -239,6 +250,7 @@ fn init_thread(t: &Tls) {
         splitmix(sys::now_ns() ^ ((sys::gettid() as u64) << 32) ^ (t as *const Tls as u64))
     };
     t.rng.set(seed | 1);
+    t.pool_home.set((seq % crate::pool::SETS as u64) as u8);
     set_remaining(t, draw(t));
     t.ready.set(true);
 }
