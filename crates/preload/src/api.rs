@@ -142,16 +142,20 @@ fn is_free_candidate(p: *mut c_void) -> bool {
 }
 
 /// An allocation entry point whose hot path is malloc's: find the thread's
-/// state (initial-exec TLS, addressed from `fs`), subtract the size (in the register `size`)
-/// from the countdown, and if it stays positive store it and jump to the
-/// real function; otherwise jump to `slow` with the arguments untouched.
-/// Only `rax` and `rcx`, which carry no argument of these functions, are
-/// used. This is what the Rust version compiles to, minus the frame setup it
-/// cannot avoid (the crate keeps frame pointers for the frame-pointer
-/// unwinder; tail jumps leave no frame). The comparison is unsigned: the
-/// slow path takes size >= countdown, including the absurd sizes (>= 2^63)
-/// that must fail in the real function without wrapping the countdown (which
-/// tracer.rs keeps non-negative).
+/// state (initial-exec TLS, addressed from `fs`), subtract the size (in the
+/// register `size`) from the countdown in place, and if it stays positive
+/// jump to the real function; otherwise add the size back and jump to
+/// `slow` with the arguments untouched. Only `rax`, which carries no
+/// argument of these functions, is used. Four instructions: the Rust version
+/// compiles to more (a separate load and store of the countdown, and the
+/// frame setup it cannot avoid, as the crate keeps frame pointers for the
+/// frame-pointer unwinder; tail jumps leave no frame). The comparison is
+/// unsigned: the slow path takes size >= countdown, including the absurd
+/// sizes (>= 2^63) that must fail in the real function. The countdown wraps
+/// for that instant and the addition restores it exactly (tracer.rs keeps it
+/// non-negative otherwise); a signal handler that allocates in between sees
+/// the charged countdown, which at worst moves its own sample point by the
+/// interrupted allocation's size.
 macro_rules! countdown_entry {
     ($(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty, size = $size:literal, real = $real:path, slow = $slow:path) => {
         $(#[$doc])*
@@ -162,12 +166,11 @@ macro_rules! countdown_entry {
                 // The countdown is the first field of Tls (asserted in
                 // tracer.rs), at the thread pointer plus this offset.
                 "mov rax, qword ptr [rip + mtrace_rs_tls@GOTTPOFF]",
-                "mov rcx, qword ptr fs:[rax]",
-                concat!("sub rcx, ", $size),
+                concat!("sub qword ptr fs:[rax], ", $size),
                 "jbe 2f",
-                "mov qword ptr fs:[rax], rcx",
                 "jmp qword ptr [rip + {real}]",
                 "2:",
+                concat!("add qword ptr fs:[rax], ", $size),
                 "jmp {slow}",
                 real = sym $real,
                 slow = sym $slow,
@@ -215,11 +218,11 @@ pub unsafe extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
         "mul rsi",
         "jo 2f",
         "mov rcx, qword ptr [rip + mtrace_rs_tls@GOTTPOFF]",
-        "mov rdx, qword ptr fs:[rcx]",
-        "sub rdx, rax",
-        "jbe 2f",
-        "mov qword ptr fs:[rcx], rdx",
+        "sub qword ptr fs:[rcx], rax",
+        "jbe 3f",
         "jmp qword ptr [rip + {real}]",
+        "3:",
+        "add qword ptr fs:[rcx], rax",
         "2:",
         "jmp {slow}",
         real = sym real::CALLOC,
@@ -323,11 +326,11 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
         "test qword ptr [rip + {mask}], rdi",
         "jz 2f",
         "mov rax, qword ptr [rip + mtrace_rs_tls@GOTTPOFF]",
-        "mov rcx, qword ptr fs:[rax]",
-        "sub rcx, rsi",
-        "jbe 2f",
-        "mov qword ptr fs:[rax], rcx",
+        "sub qword ptr fs:[rax], rsi",
+        "jbe 3f",
         "jmp qword ptr [rip + {real}]",
+        "3:",
+        "add qword ptr fs:[rax], rsi",
         "2:",
         "jmp {slow}",
         mask = sym FREE_MASK,
