@@ -20,10 +20,11 @@
 //! address), so that a pop that read a stale `next` fails its
 //! compare-and-swap unless 2^28 pushes and pops happened in between; a free
 //! block's `next` is its second word. Blocks are mapped 64 KiB (or one
-//! block) at a time and never unmapped: the pool holds, per class, at most
-//! as many blocks as there were sampled blocks of that class live at once
-//! (each took as much of glibc's heap, and a page more, before). Pool
-//! blocks are not in glibc's statistics (mallinfo2).
+//! block) at a time and never unmapped: a take uses a free block up to
+//! `SPARE_CLASSES` classes larger before it maps more, so the pool holds
+//! about as many blocks as there were sampled blocks live at once (each
+//! took as much of glibc's heap, and a page more, before). Pool blocks are
+//! not in glibc's statistics (mallinfo2).
 
 use core::sync::atomic::{AtomicUsize, Ordering::*};
 
@@ -47,6 +48,14 @@ const PAGE_BITS: usize = 0x0000_7fff_ffff_f000;
 
 /// Bytes mapped at once for a class (at least one block).
 const REFILL_BYTES: usize = 16 * ALIGN;
+
+/// How many classes up a take may look before it maps more: a block of
+/// up to this many pages more than needed is used rather than a new one,
+/// so that the pool keeps about the peak of the sampled blocks live at
+/// once, not that peak for each class separately (on the churn benchmark,
+/// whose sampled blocks spread evenly over all 16 classes, 2 took the
+/// peak RSS from 51.7 to 50.2 MB, bare 42 MB).
+const SPARE_CLASSES: usize = 2;
 
 /// A class's free blocks: first page, with a generation (see the module
 /// docs). One cache line each, so that two threads taking blocks of
@@ -197,10 +206,14 @@ fn refill(class: usize, set: usize) -> Option<usize> {
 pub fn take(size: usize) -> Option<(usize, usize)> {
     let class = class_of(size);
     let set = home();
-    let page = pop(&HEADS[set][class].0)
-        .or_else(|| (1..SETS).find_map(|i| pop(&HEADS[(set + i) % SETS][class].0)))
-        .or_else(|| refill(class, set))?;
-    Some((page, word(page, class)))
+    // This class and the next few, each in this thread's set first.
+    let free =
+        |c: usize| (0..SETS).find_map(|i| pop(&HEADS[(set + i) % SETS][c].0).map(|p| (p, c)));
+    let last = (class + SPARE_CLASSES).min(CLASSES - 1);
+    let (page, c) = (class..=last)
+        .find_map(free)
+        .or_else(|| Some((refill(class, set)?, class)))?;
+    Some((page, word(page, c)))
 }
 
 /// Gives back a block from [`take`], by its chunk word, whose program block
@@ -273,6 +286,23 @@ mod tests {
                 unsafe { give(word(p, class_of(size))) };
             }
         }
+        // A free block up to SPARE_CLASSES classes larger is used before
+        // more is mapped (classes 8-10 are used nowhere else in the tests).
+        let (big, w) = take(10 * ALIGN).unwrap();
+        assert_eq!(end(w) - big, 11 * ALIGN, "a class-10 block is 11 pages");
+        // SAFETY: our block, no longer used.
+        unsafe { give(w) };
+        let size = 8 * ALIGN;
+        assert_eq!(class_of(size), 8);
+        let (p, w) = take(size).unwrap();
+        assert_eq!(p, big, "the class-10 block serves a class-8 request");
+        assert_eq!(
+            end(w),
+            big + 11 * ALIGN,
+            "its chunk word keeps its own class"
+        );
+        // SAFETY: as above.
+        unsafe { give(w) };
         // (One test: the pool is global, and tests run in parallel.)
         threads_never_share_a_block();
     }
