@@ -84,6 +84,20 @@ static void realloc_preserves(const char *what, void *start, size_t first) {
     expect(what, ok);
 }
 
+/* Every byte malloc_usable_size says is the program's survives a realloc
+ * that grows the block, and one that moves it from size class to size
+ * class (the program may use all of them). */
+static void usable_bytes_survive_realloc(size_t first, size_t then) {
+    unsigned char *p = p_malloc(first);
+    size_t usable = p_usable(p);
+    fill(p, usable, 5);
+    unsigned char *q = p_realloc(p, then);
+    char what[96];
+    snprintf(what, sizeof what, "usable bytes of a %zu-byte block survive realloc to %zu", first, then);
+    expect(what, q && usable >= first && check(q, usable < then ? usable : then, 5));
+    p_free(q);
+}
+
 static void on_signal(int sig) {
     /* Allocating in a handler that interrupted no allocator call (raise is
      * synchronous) is legal and must be traced or skipped, never crash. */
@@ -205,6 +219,9 @@ int main(void) {
 
     /* Data survives realloc of every kind of block. */
     realloc_preserves("realloc keeps data (malloc'd block)", p_malloc(16), 16);
+    usable_bytes_survive_realloc(100, 30000);
+    usable_bytes_survive_realloc(5000, 60000);
+    usable_bytes_survive_realloc(40000, 70000);
     realloc_preserves("realloc keeps data (big block shrinking)", p_malloc(5u << 20), 5u << 20);
     p = NULL;
     p_posix_memalign(&p, 4096, 64);

@@ -71,7 +71,7 @@ unsafe fn sampled_chunk(size: usize, zeroed: bool) -> *mut c_void {
             // block) before the program's block, and `size` bytes from p in
             // it.
             unsafe {
-                *((p - 8) as *mut usize) = word;
+                *((p - 8) as *mut usize) = pool::with_size(word, size);
                 if zeroed {
                     core::ptr::write_bytes(p as *mut u8, 0, size);
                 }
@@ -120,7 +120,10 @@ unsafe fn free_chunk(chunk: usize) {
     }
 }
 
-/// Bytes the program may use in the sampled block at `p`.
+/// Bytes the program may use in the sampled block at `p` (what
+/// `malloc_usable_size` reports, and what a realloc copies): a pool block's
+/// size rounded up to 16, as glibc would report about, not the pages it
+/// spans.
 ///
 /// # Safety
 /// `p` must be a live sampled block.
@@ -130,7 +133,7 @@ unsafe fn sampled_usable(p: *mut c_void) -> usize {
     unsafe {
         let chunk = sampled::chunk_of(p as usize);
         if chunk & pool::MARK != 0 {
-            return pool::end(chunk) - p as usize;
+            return pool::usable(chunk);
         }
         real::malloc_usable_size(chunk as *mut c_void).saturating_sub(p as usize - chunk)
     }
@@ -506,7 +509,7 @@ fn aligned_slow(
                     let p = page + sampled::ALIGN;
                     // SAFETY: a block of our own of at least `size` bytes
                     // past p; p - 8 lies in its first page.
-                    unsafe { *((p - 8) as *mut usize) = word };
+                    unsafe { *((p - 8) as *mut usize) = pool::with_size(word, size) };
                     return record_aligned(t, p as *mut c_void, size, d, align, &mut alloc);
                 }
             }

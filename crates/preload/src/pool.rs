@@ -9,8 +9,9 @@
 //! as it needs with the two words in front (`CLASSES` size classes, one to
 //! sixteen pages): the program's address is the block's first page plus
 //! `TAG`, the key is the page's first word and the chunk word (the page,
-//! the class and [`MARK`]) its second (where `sampled::chunk_of` looks), so
-//! that the free hands the block back here instead of to glibc. glibc never
+//! the class, [`MARK`] and the program's size) its second (where
+//! `sampled::chunk_of` looks), so that the free hands the block back here
+//! instead of to glibc. glibc never
 //! sees these blocks, and its heap is the one the program would have
 //! without the tracer, less the sampled blocks.
 //!
@@ -93,11 +94,29 @@ fn word(page: usize, class: usize) -> usize {
     page | class << 1 | MARK
 }
 
-/// The end of the pool block whose chunk word is `word`: the program may
-/// use the bytes from its address up to here.
+/// Where a chunk word keeps the program's size, in 16-byte units (12
+/// bits: up to 64 KiB), above the page's bits.
+const SIZE_SHIFT: u32 = 47;
+
+/// `word` saying that the program asked for `size` bytes (at most [`MAX`]).
+#[inline]
+pub fn with_size(word: usize, size: usize) -> usize {
+    (word & !(0xfff << SIZE_SHIFT)) | size.div_ceil(16) << SIZE_SHIFT
+}
+
+/// Bytes the program may use in the pool block whose chunk word is `word`:
+/// its size rounded up to 16, as glibc would report about (the block may
+/// hold more, but a program that used it would have realloc copy it, and
+/// most of it is cold).
+#[inline]
+pub fn usable(word: usize) -> usize {
+    (word >> SIZE_SHIFT & 0xfff) << 4
+}
+
+/// The end of the pool block whose chunk word is `word`.
 #[inline]
 pub fn end(word: usize) -> usize {
-    (word & !(ALIGN - 1)) + (((word & (ALIGN - 1)) >> 1 & (CLASSES - 1)) + 1) * ALIGN
+    (word & PAGE_BITS) + (((word & (ALIGN - 1)) >> 1 & (CLASSES - 1)) + 1) * ALIGN
 }
 
 /// `page` with the generation after the one in `head`.
@@ -222,7 +241,7 @@ pub fn take(size: usize) -> Option<(usize, usize)> {
 /// # Safety
 /// `word` came from [`take`] and nothing refers to its block any more.
 pub unsafe fn give(word: usize) {
-    let page = word & !(ALIGN - 1);
+    let page = word & PAGE_BITS;
     let class = (word & (ALIGN - 1)) >> 1 & (CLASSES - 1);
     // SAFETY: as the contract.
     unsafe { push_chain(&HEADS[home()][class].0, page, page) }
@@ -241,10 +260,18 @@ mod tests {
         for size in [1, 100, ALIGN - TAG, ALIGN, 3 * ALIGN + 5, MAX] {
             let c = class_of(size);
             let w = word(0x7000_0000_0000, c);
-            let usable = end(w) - (0x7000_0000_0000 + TAG);
-            assert!(usable >= size, "size {size}");
-            assert!(usable < size + ALIGN, "size {size}");
+            let room = end(w) - (0x7000_0000_0000 + TAG);
+            assert!(room >= size, "size {size}");
+            assert!(room < size + ALIGN, "size {size}");
             assert_eq!(w & MARK, MARK);
+            let sized = with_size(w, size);
+            assert_eq!(usable(sized), size.div_ceil(16) * 16, "size {size}");
+            assert_eq!(end(sized), end(w), "the size leaves the block as it was");
+            assert_eq!(
+                usable(with_size(sized, 1)),
+                16,
+                "a new size replaces the old"
+            );
         }
     }
 
@@ -264,7 +291,7 @@ mod tests {
             );
             for &(p, w) in &held {
                 assert_eq!(p % ALIGN, 0);
-                assert_eq!(w & !(ALIGN - 1), p);
+                assert_eq!(w & PAGE_BITS, p);
                 assert!(end(w) - (p + TAG) >= size);
                 // The whole block is ours to write.
                 // SAFETY: a block just taken, up to `end` from p + TAG.
