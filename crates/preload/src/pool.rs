@@ -5,15 +5,17 @@
 //! glibc's thread cache and its small bins, and a page of padding the
 //! program never uses: its malloc and free went through the large bins and
 //! consolidation, and calloc cleared the padding too. A block of at most
-//! [`MAX`] bytes gets a block of this pool instead, of as many whole pages
-//! as it needs with the two words in front (`CLASSES` size classes, one to
-//! sixteen pages): the program's address is the block's first page plus
-//! `TAG`, the key is the page's first word and the chunk word (the page,
-//! the class, [`MARK`] and the program's size) its second (where
-//! `sampled::chunk_of` looks), so that the free hands the block back here
-//! instead of to glibc. glibc never
-//! sees these blocks, and its heap is the one the program would have
-//! without the tracer, less the sampled blocks.
+//! [`MAX`] bytes gets a block of this pool instead: as many whole pages as
+//! it needs with the two words in front, rounded up to a power of two
+//! (`CLASSES` size classes of 1, 2, 4, 8 and 16 pages; pages a block does
+//! not use cost address space, not memory, and coarse classes reuse a block
+//! sooner, while it is still in the cache). The program's address is the
+//! block's first page plus `TAG`, the key is the page's first word and the
+//! chunk word (the page, the class, [`MARK`] and the program's size) its
+//! second (where `sampled::chunk_of` looks), so that the free hands the
+//! block back here instead of to glibc. glibc never sees these blocks, and
+//! its heap is the one the program would have without the tracer, less the
+//! sampled blocks.
 //!
 //! Each class's free blocks form a lock-free stack (nothing to hold across
 //! `fork`): the head is a page address with a 28-bit generation in the bits
@@ -33,11 +35,11 @@ use crate::real;
 use crate::sampled::{ALIGN, TAG};
 use crate::tracer::TLS;
 
-/// Size classes: a block of class `k` spans `k + 1` pages.
-pub const CLASSES: usize = 16;
+/// Size classes: a block of class `k` spans `2^k` pages, 1 to 16.
+pub const CLASSES: usize = 5;
 
 /// The largest block the pool holds: 64 KiB less the two words in front.
-pub const MAX: usize = CLASSES * ALIGN - TAG;
+pub const MAX: usize = (1 << (CLASSES - 1)) * ALIGN - TAG;
 
 /// Set in a chunk word that names a pool block (glibc's chunks are 16-byte
 /// aligned: the bit is never set in theirs); the class sits in the bits
@@ -50,13 +52,11 @@ const PAGE_BITS: usize = 0x0000_7fff_ffff_f000;
 /// Bytes mapped at once for a class (at least one block).
 const REFILL_BYTES: usize = 16 * ALIGN;
 
-/// How many classes up a take may look before it maps more: a block of
-/// up to this many pages more than needed is used rather than a new one,
-/// so that the pool keeps about the peak of the sampled blocks live at
-/// once, not that peak for each class separately (on the churn benchmark,
-/// whose sampled blocks spread evenly over all 16 classes, 2 took the
-/// peak RSS from 51.7 to 50.2 MB, bare 42 MB).
-const SPARE_CLASSES: usize = 2;
+/// How many classes up a take may look before it maps more: a free block
+/// of twice the pages needed is used rather than a new one, so that the
+/// pool keeps about the peak of the sampled blocks live at once, not that
+/// peak for each class separately.
+const SPARE_CLASSES: usize = 1;
 
 /// A class's free blocks: first page, with a generation (see the module
 /// docs). One cache line each, so that two threads taking blocks of
@@ -81,11 +81,24 @@ fn home() -> usize {
     TLS.with(|t| t.pool_home()) % SETS
 }
 
-/// The class of a block of `size` bytes (at most [`MAX`]): its pages less
-/// one, counting the two words in front.
+/// The class of a block of `size` bytes (at most [`MAX`]): the power of
+/// two of the pages it needs with the two words in front, rounded up.
 #[inline]
 pub fn class_of(size: usize) -> usize {
-    (size + TAG - 1) / ALIGN
+    let pages = (size + TAG).div_ceil(ALIGN).max(1);
+    (usize::BITS - (pages - 1).leading_zeros()) as usize
+}
+
+/// The bytes a block of class `class` spans.
+#[inline]
+fn span(class: usize) -> usize {
+    ALIGN << class
+}
+
+/// The class a chunk word names.
+#[inline]
+fn class_in(word: usize) -> usize {
+    (word & (ALIGN - 1)) >> 1 & 0xf
 }
 
 /// The chunk word of the block of class `class` at `page`.
@@ -116,7 +129,7 @@ pub fn usable(word: usize) -> usize {
 /// The end of the pool block whose chunk word is `word`.
 #[inline]
 pub fn end(word: usize) -> usize {
-    (word & PAGE_BITS) + (((word & (ALIGN - 1)) >> 1 & (CLASSES - 1)) + 1) * ALIGN
+    (word & PAGE_BITS) + span(class_in(word))
 }
 
 /// `page` with the generation after the one in `head`.
@@ -178,7 +191,7 @@ fn pop(head_of: &AtomicUsize) -> Option<usize> {
 /// larger), keeps one and frees the others into set `set`; `None` when the
 /// system refuses memory.
 fn refill(class: usize, set: usize) -> Option<usize> {
-    let block = (class + 1) * ALIGN;
+    let block = span(class);
     let count = (REFILL_BYTES / block).max(1);
     let len = count * block;
     // SAFETY: a fresh private anonymous mapping, through the real mmap so
@@ -242,7 +255,7 @@ pub fn take(size: usize) -> Option<(usize, usize)> {
 /// `word` came from [`take`] and nothing refers to its block any more.
 pub unsafe fn give(word: usize) {
     let page = word & PAGE_BITS;
-    let class = (word & (ALIGN - 1)) >> 1 & (CLASSES - 1);
+    let class = class_in(word);
     // SAFETY: as the contract.
     unsafe { push_chain(&HEADS[home()][class].0, page, page) }
 }
@@ -256,13 +269,17 @@ mod tests {
         assert_eq!(class_of(0), 0);
         assert_eq!(class_of(ALIGN - TAG), 0);
         assert_eq!(class_of(ALIGN - TAG + 1), 1);
+        assert_eq!(class_of(2 * ALIGN - TAG), 1);
+        assert_eq!(class_of(2 * ALIGN - TAG + 1), 2);
+        assert_eq!(class_of(4 * ALIGN - TAG), 2);
+        assert_eq!(class_of(4 * ALIGN - TAG + 1), 3);
         assert_eq!(class_of(MAX), CLASSES - 1);
         for size in [1, 100, ALIGN - TAG, ALIGN, 3 * ALIGN + 5, MAX] {
             let c = class_of(size);
             let w = word(0x7000_0000_0000, c);
             let room = end(w) - (0x7000_0000_0000 + TAG);
             assert!(room >= size, "size {size}");
-            assert!(room < size + ALIGN, "size {size}");
+            assert!(room < 2 * (size + TAG) + ALIGN, "size {size}");
             assert_eq!(w & MARK, MARK);
             let sized = with_size(w, size);
             assert_eq!(usable(sized), size.div_ceil(16) * 16, "size {size}");
@@ -284,7 +301,7 @@ mod tests {
             sorted.sort_unstable();
             sorted.dedup();
             assert_eq!(sorted.len(), held.len(), "a block handed out twice");
-            let span = (class_of(size) + 1) * ALIGN;
+            let span = span(class_of(size));
             assert!(
                 sorted.windows(2).all(|w| w[1] - w[0] >= span),
                 "blocks of {size} bytes overlap"
@@ -313,19 +330,19 @@ mod tests {
                 unsafe { give(word(p, class_of(size))) };
             }
         }
-        // A free block up to SPARE_CLASSES classes larger is used before
-        // more is mapped (classes 8-10 are used nowhere else in the tests).
-        let (big, w) = take(10 * ALIGN).unwrap();
-        assert_eq!(end(w) - big, 11 * ALIGN, "a class-10 block is 11 pages");
+        // A free block a class larger is used before more is mapped (class
+        // 3, 5-8 pages, is used nowhere else in the tests).
+        let (big, w) = take(MAX).unwrap();
+        assert_eq!(end(w) - big, 16 * ALIGN, "a class-4 block is 16 pages");
         // SAFETY: our block, no longer used.
         unsafe { give(w) };
-        let size = 8 * ALIGN;
-        assert_eq!(class_of(size), 8);
+        let size = 6 * ALIGN;
+        assert_eq!(class_of(size), 3);
         let (p, w) = take(size).unwrap();
-        assert_eq!(p, big, "the class-10 block serves a class-8 request");
+        assert_eq!(p, big, "the class-4 block serves a class-3 request");
         assert_eq!(
             end(w),
-            big + 11 * ALIGN,
+            big + 16 * ALIGN,
             "its chunk word keeps its own class"
         );
         // SAFETY: as above.
