@@ -6,11 +6,13 @@
 //! rarely puts one, at an address whose low twelve bits read 0x010 (`TAG`):
 //! a block of at most 64 KiB less 16 bytes gets whole pages of the tracer's
 //! own (pool.rs: glibc never sees it), a larger one the first such address
-//! in a block the tracer allocates one page larger. Aligned allocations that need more than 16-byte alignment get
-//! the address one alignment unit (at least a page) into their chunk, low
-//! bits 0x000. Either way the two words before the program's address belong
-//! to the chunk: the word at `p - 8` holds the chunk's own address, the one
-//! at `p - 16` a key (below). `free` looks further only when
+//! in a block the tracer allocates one page larger. Aligned allocations
+//! that need more than 16-byte alignment get the address one alignment unit
+//! (at least a page) into their chunk (a pool block's second page, up to a
+//! page of alignment), low bits 0x000. Either way the two words before the
+//! program's address belong to the chunk: the word at `p - 8` holds the
+//! chunk's own address (for a pool block, its chunk word), the one at
+//! `p - 16` a key (below). `free` looks further only when
 //! `ptr & CANDIDATE_MASK == 0`, which an ordinary pointer meets about once in
 //! 128 frees.
 //!
