@@ -65,16 +65,10 @@ unsafe fn sampled_zeroed(size: usize) -> *mut c_void {
 /// pages).
 unsafe fn sampled_chunk(size: usize, zeroed: bool) -> *mut c_void {
     if size <= pool::MAX {
-        if let Some((page, word)) = pool::take(size) {
-            let p = page + sampled::TAG;
-            // SAFETY: a block of our own: the chunk word (marked as a pool
-            // block) before the program's block, and `size` bytes from p in
-            // it.
-            unsafe {
-                *((p - 8) as *mut usize) = pool::with_size(word, size);
-                if zeroed {
-                    core::ptr::write_bytes(p as *mut u8, 0, size);
-                }
+        if let Some(p) = pool::place(size, sampled::TAG) {
+            if zeroed {
+                // SAFETY: a block of our own with `size` bytes from p.
+                unsafe { core::ptr::write_bytes(p as *mut u8, 0, size) };
             }
             return p as *mut c_void;
         }
@@ -505,11 +499,7 @@ fn aligned_slow(
             if align <= sampled::ALIGN && size <= pool::MAX - (sampled::ALIGN - sampled::TAG) {
                 // A pool block with a page more in front: the program gets
                 // its second page.
-                if let Some((page, word)) = pool::take(size + (sampled::ALIGN - sampled::TAG)) {
-                    let p = page + sampled::ALIGN;
-                    // SAFETY: a block of our own of at least `size` bytes
-                    // past p; p - 8 lies in its first page.
-                    unsafe { *((p - 8) as *mut usize) = pool::with_size(word, size) };
+                if let Some(p) = pool::place(size, sampled::ALIGN) {
                     return record_aligned(t, p as *mut c_void, size, d, align, &mut alloc);
                 }
             }

@@ -67,9 +67,10 @@ struct Head(AtomicUsize);
 /// Sets of heads: a thread takes from and gives to its own set
 /// (`Tls::pool_home`, assigned in turn), so that two threads sampling
 /// blocks of the same sizes do not pass a head's cache line back and forth
-/// on every take and give (on the churn benchmark a shared head cost about
-/// 90 ns a take); when its own set has none of a class it takes another
-/// set's before mapping more.
+/// on every take and give; when its own set has none of a class it takes
+/// another set's before mapping more. (perf put a take at about 90 ns on
+/// the churn benchmark either way: it is the read of the block's cold first
+/// line, which glibc's malloc would have read as well.)
 pub const SETS: usize = 4;
 
 static HEADS: [[Head; CLASSES]; SETS] =
@@ -84,7 +85,7 @@ fn home() -> usize {
 /// The class of a block of `size` bytes (at most [`MAX`]): the power of
 /// two of the pages it needs with the two words in front, rounded up.
 #[inline]
-pub fn class_of(size: usize) -> usize {
+fn class_of(size: usize) -> usize {
     let pages = (size + TAG).div_ceil(ALIGN).max(1);
     (usize::BITS - (pages - 1).leading_zeros()) as usize
 }
@@ -113,7 +114,7 @@ const SIZE_SHIFT: u32 = 47;
 
 /// `word` saying that the program asked for `size` bytes (at most [`MAX`]).
 #[inline]
-pub fn with_size(word: usize, size: usize) -> usize {
+fn with_size(word: usize, size: usize) -> usize {
     (word & !(0xfff << SIZE_SHIFT)) | size.div_ceil(16) << SIZE_SHIFT
 }
 
@@ -127,8 +128,8 @@ pub fn usable(word: usize) -> usize {
 }
 
 /// The end of the pool block whose chunk word is `word`.
-#[inline]
-pub fn end(word: usize) -> usize {
+#[cfg(test)]
+fn end(word: usize) -> usize {
     (word & PAGE_BITS) + span(class_in(word))
 }
 
@@ -232,10 +233,24 @@ fn refill(class: usize, set: usize) -> Option<usize> {
     Some(base)
 }
 
+/// A block for a sampled block of `size` bytes placed `front` bytes into it
+/// (`TAG`, or a page for an aligned block), with its chunk word, which
+/// keeps `size`, in the word before the program's address: that address,
+/// or `None` when the system refuses memory (the caller then asks glibc).
+/// `size + front - TAG` is at most [`MAX`].
+pub fn place(size: usize, front: usize) -> Option<usize> {
+    let (page, word) = take(size + front - TAG)?;
+    let p = page + front;
+    // SAFETY: a block of our own, at least `size + front` bytes from `page`
+    // (its class counts the two words in front); p - 8 lies in it, and is
+    // 8-aligned.
+    unsafe { *((p - 8) as *mut usize) = with_size(word, size) };
+    Some(p)
+}
+
 /// A block for a sampled block of `size` bytes (at most [`MAX`]), as its
-/// first page and its chunk word; `None` when the system refuses memory
-/// (the caller then asks glibc).
-pub fn take(size: usize) -> Option<(usize, usize)> {
+/// first page and its chunk word; `None` when the system refuses memory.
+fn take(size: usize) -> Option<(usize, usize)> {
     let class = class_of(size);
     let set = home();
     // This class and the next few, each in this thread's set first.
@@ -248,11 +263,11 @@ pub fn take(size: usize) -> Option<(usize, usize)> {
     Some((page, word(page, c)))
 }
 
-/// Gives back a block from [`take`], by its chunk word, whose program block
+/// Gives back a block from [`place`], by its chunk word, whose program block
 /// was freed (its key cleared).
 ///
 /// # Safety
-/// `word` came from [`take`] and nothing refers to its block any more.
+/// `word` came from [`place`] and nothing refers to its block any more.
 pub unsafe fn give(word: usize) {
     let page = word & PAGE_BITS;
     let class = class_in(word);
