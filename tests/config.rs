@@ -134,3 +134,34 @@ fn trace_files_are_private_and_never_overwrite_or_follow_symlinks() {
         report.summary()
     );
 }
+
+/// Wake-ups of the writer thread during one idle second of `tracer`'s run.
+fn writer_wakeups(tracer: &Tracer, exe: &std::path::Path) -> u64 {
+    let out = tracer.run(&mut Command::new(exe));
+    assert!(out.status.success(), "writer_pace failed: {out:?}");
+    let text = stdout(&out);
+    text.trim()
+        .strip_prefix("writer ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no writer thread seen: {text:?}"))
+}
+
+#[test]
+fn the_writer_wakes_every_50_ms_sampled_and_every_10_ms_exact() {
+    let scratch = Scratch::new("writer-pace");
+    let exe = compile("tests/programs/writer_pace.c", scratch.path());
+    // Each cycle is one sleep on a futex: one voluntary switch. A busy
+    // machine can only delay the timer, so the upper bounds are firm; the
+    // lower one (100 expected) leaves room for a loaded host.
+    let sampled = writer_wakeups(&Tracer::default_rate(&scratch.dir("s")), &exe);
+    assert!(sampled <= 30, "sampled: {sampled} wake-ups in 1 s (50 ms pace)");
+    let exact = writer_wakeups(&Tracer::exact(&scratch.dir("e")), &exe);
+    assert!(exact >= 50, "exact: {exact} wake-ups in 1 s (10 ms pace)");
+    // An explicit MTRACE_RS_FLUSH_MS holds in either mode.
+    let slow = Tracer::exact(&scratch.dir("x")).env("MTRACE_RS_FLUSH_MS", "200");
+    let slow = writer_wakeups(&slow, &exe);
+    assert!(slow <= 8, "exact at 200 ms: {slow} wake-ups in 1 s");
+    let fast = Tracer::default_rate(&scratch.dir("f")).env("MTRACE_RS_FLUSH_MS", "10");
+    let fast = writer_wakeups(&fast, &exe);
+    assert!(fast >= 50, "sampled at 10 ms: {fast} wake-ups in 1 s");
+}

@@ -36,7 +36,8 @@ pub struct Config {
     pub sample_bytes: u64,
     pub depth: usize,
     pub seed: Option<u64>,
-    /// How often the writer thread drains the rings.
+    /// How often the writer thread drains the rings: at most this much of
+    /// the newest events is lost to a SIGKILL.
     pub flush_ms: u64,
     /// How often the writer records RSS and allocator statistics; 0 = never.
     pub stats_ms: u64,
@@ -51,6 +52,12 @@ pub struct Config {
 }
 
 pub const DEFAULT_SAMPLE_BYTES: u64 = 512 * 1024;
+/// The writer's default pace in exact mode, where every event counts.
+pub const FLUSH_MS_EXACT: u64 = 10;
+/// The writer's default pace in sampled mode: each wake-up costs a context
+/// switch on a core the program may be using, and losing the last 50 ms of
+/// samples to a SIGKILL changes no estimate (ARCHITECTURE.md, performance).
+pub const FLUSH_MS_SAMPLED: u64 = 50;
 
 impl Config {
     pub const fn default() -> Config {
@@ -67,7 +74,7 @@ impl Config {
             sample_bytes: DEFAULT_SAMPLE_BYTES,
             depth: 64,
             seed: None,
-            flush_ms: 10,
+            flush_ms: FLUSH_MS_SAMPLED,
             stats_ms: 100,
             stats_ms_set: false,
             unwind: Unwind::Dwarf,
@@ -85,6 +92,7 @@ impl Config {
     pub fn from_env() -> Option<Config> {
         let mut c = Config::default();
         let mut ok = true;
+        let mut flush_set = false;
         if let Some(v) = getenv(b"MTRACE_RS_OUT\0") {
             if v.is_empty() || v.len() >= MAX_PATH {
                 bad(
@@ -135,7 +143,10 @@ impl Config {
         }
         if let Some(v) = getenv(b"MTRACE_RS_FLUSH_MS\0") {
             match parse_u64(v) {
-                Some(n) if (1..=1000).contains(&n) => c.flush_ms = n,
+                Some(n) if (1..=1000).contains(&n) => {
+                    c.flush_ms = n;
+                    flush_set = true;
+                }
                 _ => {
                     bad(
                         b"MTRACE_RS_FLUSH_MS",
@@ -188,6 +199,9 @@ impl Config {
                     ok = false;
                 }
             }
+        }
+        if !flush_set && c.exact() {
+            c.flush_ms = FLUSH_MS_EXACT;
         }
         warn_unknown();
         ok.then_some(c)
