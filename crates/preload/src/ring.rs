@@ -70,7 +70,8 @@ pub struct Ring {
     pub tid: AtomicU32,
     /// Next ring in the pool list; set once before the ring is published.
     next: *mut Ring,
-    slots: [UnsafeCell<Event>; CAP],
+    /// Cache-line aligned: two events a line, none across two lines.
+    slots: Padded<[UnsafeCell<Event>; CAP]>,
 }
 
 // SAFETY: the ring is shared between exactly one producer (the owning thread)
@@ -96,8 +97,14 @@ impl Ring {
         }
         // SAFETY: slot `tail` is outside the consumer's window [head, tail)
         // and inside the ring (masked), so no one else reads or writes it.
-        unsafe { *self.slots[tail & MASK].get() = ev };
+        unsafe { *self.slots.0[tail & MASK].get() = ev };
         self.tail.0.store(tail.wrapping_add(1), Release);
+        // The line of the push after next (a new one every other push):
+        // asked for now, in the state a write needs, so that the write finds
+        // it rather than waiting on memory (the slot was last used a ring's
+        // length of events ago, and the writer read it since). Sampled
+        // pushes run far apart, long enough for it to arrive.
+        prefetch_write(self.slots.0[tail.wrapping_add(2) & MASK].get());
         // Half full by our last view of the consumer: make sure it is
         // awake, rather than letting the ring fill while it sleeps. (The
         // view is refreshed first so a stale one does not wake it for
@@ -121,7 +128,7 @@ impl Ring {
             // SAFETY: slots in [head, tail) were published by the producer's
             // release store of `tail`, and the producer does not touch them
             // until we move `head` past them.
-            out.push(unsafe { *self.slots[head.wrapping_add(i) & MASK].get() });
+            out.push(unsafe { *self.slots.0[head.wrapping_add(i) & MASK].get() });
         }
         self.head.0.store(tail, Release);
         n
@@ -137,6 +144,19 @@ impl Ring {
         unsafe { *self.head_cache.0.get() = tail };
     }
 }
+
+/// `prefetchw`: fetches the line holding `p` for writing. A hint: no fault,
+/// and a no-op on processors without it.
+#[inline(always)]
+fn prefetch_write<T>(p: *const T) {
+    // SAFETY: prefetchw reads nothing architecturally and never faults.
+    unsafe {
+        core::arch::asm!("prefetchw [{}]", in(reg) p, options(nostack, preserves_flags, readonly));
+    }
+}
+
+const _: () = assert!(core::mem::offset_of!(Ring, slots) % 64 == 0);
+const _: () = assert!(64 % core::mem::size_of::<Event>() == 0);
 
 static POOL: AtomicPtr<Ring> = AtomicPtr::new(core::ptr::null_mut());
 
