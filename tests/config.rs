@@ -154,7 +154,10 @@ fn the_writer_wakes_every_50_ms_sampled_and_every_10_ms_exact() {
     // machine can only delay the timer, so the upper bounds are firm; the
     // lower one (100 expected) leaves room for a loaded host.
     let sampled = writer_wakeups(&Tracer::default_rate(&scratch.dir("s")), &exe);
-    assert!(sampled <= 30, "sampled: {sampled} wake-ups in 1 s (50 ms pace)");
+    assert!(
+        sampled <= 30,
+        "sampled: {sampled} wake-ups in 1 s (50 ms pace)"
+    );
     let exact = writer_wakeups(&Tracer::exact(&scratch.dir("e")), &exe);
     assert!(exact >= 50, "exact: {exact} wake-ups in 1 s (10 ms pace)");
     // An explicit MTRACE_RS_FLUSH_MS holds in either mode.
