@@ -37,10 +37,10 @@ fn align_for(d: Decision) -> bool {
     d != Decision::Skip && !tracer::exact()
 }
 
-/// A sampled block for the program, at an address whose low twelve bits are
-/// `TAG` (see sampled.rs): up to `pool::MAX` bytes, a block of the pool's
-/// pages; beyond, an ordinary block one page larger is allocated, the first
-/// such address inside it is handed out, and the block's own address is
+/// A sampled block for the program, at an address whose low sixteen bits
+/// are `TAG` (see sampled.rs): up to `pool::MAX` bytes, a block of the
+/// pool's pages; beyond, an ordinary block 64 KiB larger is allocated, the
+/// first such address inside it is handed out, and the block's own address is
 /// kept in the word just before it for the free. A plain malloc, not
 /// memalign: glibc's memalign splits chunks and fragments the heap, and cost
 /// the sampled churn benchmark several percent. Null when the real allocator
@@ -89,7 +89,7 @@ unsafe fn sampled_chunk(size: usize, zeroed: bool) -> *mut c_void {
         return chunk;
     }
     let p = sampled::tagged_in(chunk as usize);
-    // SAFETY: p - chunk is between TAG and ALIGN + TAG - 1 bytes (the chunk is
+    // SAFETY: p - chunk is between TAG and ALIGN bytes (the chunk is
     // 16-aligned), so [p - 16, p + size) lies inside the chunk's `total`
     // bytes, and p - 8 is 8-aligned.
     unsafe { *((p - 8) as *mut usize) = chunk as usize };
@@ -478,10 +478,10 @@ pub unsafe extern "C" fn reallocarray(p: *mut c_void, n: usize, size: usize) -> 
 /// the real function to reject. `alloc(align, size)` calls the real function.
 ///
 /// A sampled aligned block is carved out of a chunk one alignment unit (at
-/// least a page) larger: the program gets the chunk's address plus that unit,
-/// so its low twelve bits read 0x000, and the chunk's address and the
-/// sampled key sit in the two words before it, inside the chunk
-/// (sampled.rs).
+/// least `sampled::ALIGN`, 64 KiB) larger: the program gets the first
+/// multiple of that unit at least 16 bytes into the chunk, so its low
+/// sixteen bits read 0x0000, and the chunk's address and the sampled key
+/// sit in the two words before it, inside the chunk (sampled.rs).
 #[cold]
 #[inline(never)]
 fn aligned_slow(
@@ -497,24 +497,28 @@ fn aligned_slow(
         let d = tracer::decide(t, size);
         let p = if align_for(d) {
             if align <= sampled::ALIGN && size <= pool::MAX - (sampled::ALIGN - sampled::TAG) {
-                // A pool block with a page more in front: the program gets
-                // its second page.
+                // A pool block with 64 KiB more in front: the program gets
+                // its second 64 KiB.
                 if let Some(p) = pool::place(size, sampled::ALIGN) {
                     return record_aligned(t, p as *mut c_void, size, d, align, &mut alloc);
                 }
             }
+            // The real function's own alignment: glibc's memalign with a
+            // 64 KiB unit would split chunks and fragment the heap, and
+            // valloc's cannot be asked for more than a page.
             let unit = align.max(sampled::ALIGN);
-            let Some(total) = size.checked_add(unit) else {
+            let Some(total) = size.checked_add(unit + sampled::TAG) else {
                 sys::set_errno(libc::ENOMEM);
                 return core::ptr::null_mut();
             };
-            let chunk = alloc(unit, total);
+            let chunk = alloc(align, total);
             if chunk.is_null() {
                 return chunk;
             }
-            let p = chunk as usize + unit;
-            // SAFETY: [chunk, chunk + total) is ours and p - 8 lies in it
-            // (unit >= 4096), 8-aligned.
+            let p = (chunk as usize + sampled::TAG + unit - 1) & !(unit - 1);
+            // SAFETY: [chunk, chunk + total) is ours; p is at least TAG and
+            // at most unit + TAG bytes into it (the chunk is 8-aligned), so
+            // [p - 16, p + size) lies in it, and p - 8 is 8-aligned.
             unsafe { *((p - 8) as *mut usize) = chunk as usize };
             p as *mut c_void
         } else {
@@ -642,9 +646,7 @@ unsafe extern "C" fn valloc_checked(size: usize) -> *mut c_void {
     }
     // valloc's blocks are page-aligned already.
     // SAFETY: forwarding.
-    aligned_slow(size, sampled::ALIGN, true, |_, n| unsafe {
-        real::valloc(n)
-    })
+    aligned_slow(size, sampled::PAGE, true, |_, n| unsafe { real::valloc(n) })
 }
 
 countdown_entry! {
@@ -662,7 +664,7 @@ unsafe extern "C" fn pvalloc_checked(size: usize) -> *mut c_void {
         return unsafe { real::pvalloc(size) };
     }
     // SAFETY: forwarding.
-    aligned_slow(size, sampled::ALIGN, true, |_, n| unsafe {
+    aligned_slow(size, sampled::PAGE, true, |_, n| unsafe {
         real::pvalloc(n)
     })
 }

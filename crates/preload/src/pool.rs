@@ -1,45 +1,50 @@
-//! Blocks of our own for sampled blocks of up to 64 KiB.
+//! Blocks of our own for sampled blocks of up to 128 KiB.
 //!
 //! A sampled block must sit at a tagged address (sampled.rs), so glibc was
-//! asked for a chunk one page larger than the block. Such a chunk is past
-//! glibc's thread cache and its small bins, and a page of padding the
-//! program never uses: its malloc and free went through the large bins and
-//! consolidation, and calloc cleared the padding too. A block of at most
-//! [`MAX`] bytes gets a block of this pool instead: as many whole pages as
-//! it needs with the two words in front, rounded up to a power of two
-//! (`CLASSES` size classes of 1, 2, 4, 8 and 16 pages; pages a block does
-//! not use cost address space, not memory, and coarse classes reuse a block
-//! sooner, while it is still in the cache). The program's address is the
-//! block's first page plus `TAG`, the key is the page's first word and the
-//! chunk word (the page, the class, [`MARK`] and the program's size) its
-//! second (where `sampled::chunk_of` looks), so that the free hands the
-//! block back here instead of to glibc. glibc never sees these blocks, and
-//! its heap is the one the program would have without the tracer, less the
-//! sampled blocks.
+//! asked for a chunk larger than the block. Such a chunk is past glibc's
+//! thread cache and its small bins, and padding the program never uses: its
+//! malloc and free went through the large bins and consolidation, and
+//! calloc cleared the padding too. A block of at most [`MAX`] bytes gets a
+//! block of this pool instead: as many whole pages as it needs with the two
+//! words in front, rounded up to a power of two (`CLASSES` size classes of
+//! 1, 2, 4, 8, 16 and 32 pages; pages a block does not use cost address
+//! space, not memory, and coarse classes reuse a block sooner, while it is
+//! still in the cache), starting on a 64 KiB boundary (`ALIGN`, the tag's
+//! unit: each block has 64 KiB of address space at least). The program's
+//! address is the block's first page plus `TAG`, the key is the page's
+//! first word and the chunk word (the page, the class, [`MARK`] and the
+//! program's size) its second (where `sampled::chunk_of` looks), so that
+//! the free hands the block back here instead of to glibc. An aligned
+//! sampled block gets the second 64 KiB of a 32-page block, its two words
+//! at the end of the first. glibc never sees these blocks, and its heap is
+//! the one the program would have without the tracer, less the sampled
+//! blocks.
 //!
 //! Each class's free blocks form a lock-free stack (nothing to hold across
 //! `fork`): the head is a page address with a 28-bit generation in the bits
 //! a page address leaves unused (its low 12 and the top 16 of a user-space
 //! address), so that a pop that read a stale `next` fails its
 //! compare-and-swap unless 2^28 pushes and pops happened in between; a free
-//! block's `next` is its second word. Blocks are mapped 64 KiB (or one
-//! block) at a time and never unmapped: a take uses a free block up to
-//! `SPARE_CLASSES` classes larger before it maps more, so the pool holds
-//! about as many blocks as there were sampled blocks live at once (each
-//! took as much of glibc's heap, and a page more, before). Pool blocks are
-//! not in glibc's statistics (mallinfo2).
+//! block's `next` is its second word. Blocks are mapped 1 MiB of address
+//! space (or one block) at a time and never unmapped: a take uses a free
+//! block up to `SPARE_CLASSES` classes larger before it maps more, so the
+//! pool holds about as many blocks as there were sampled blocks live at
+//! once (each took as much of glibc's heap, and more, before). Pool blocks
+//! are not in glibc's statistics (mallinfo2).
 
 use core::sync::atomic::{AtomicUsize, Ordering::*};
 
 use crate::real;
-use crate::sampled::{ALIGN, TAG};
+use crate::sampled::{ALIGN, PAGE, TAG};
 use crate::tracer::TLS;
 
-/// Size classes: a block of class `k` spans `2^k` pages, 1 to 16.
-pub const CLASSES: usize = 5;
+/// Size classes: a block of class `k` spans `2^k` pages, 1 to 32.
+pub const CLASSES: usize = 6;
 
-/// The largest block the pool holds: 64 KiB less the two words in front.
-pub const MAX: usize = (1 << (CLASSES - 1)) * ALIGN - TAG;
+/// The largest block the pool holds: 128 KiB less the two words in front
+/// (an aligned one, 64 KiB in, may have 64 KiB).
+pub const MAX: usize = (1 << (CLASSES - 1)) * PAGE - TAG;
+const _: () = assert!(MAX + TAG >= 2 * ALIGN);
 
 /// Set in a chunk word that names a pool block (glibc's chunks are 16-byte
 /// aligned: the bit is never set in theirs); the class sits in the bits
@@ -49,7 +54,7 @@ pub const MARK: usize = 1;
 /// The bits of a head that hold the page: a user-space address below 2^47.
 const PAGE_BITS: usize = 0x0000_7fff_ffff_f000;
 
-/// Bytes mapped at once for a class (at least one block).
+/// Address space mapped at once for a class (at least one block).
 const REFILL_BYTES: usize = 16 * ALIGN;
 
 /// How many classes up a take may look before it maps more: a free block
@@ -86,20 +91,27 @@ fn home() -> usize {
 /// two of the pages it needs with the two words in front, rounded up.
 #[inline]
 fn class_of(size: usize) -> usize {
-    let pages = (size + TAG).div_ceil(ALIGN).max(1);
+    let pages = (size + TAG).div_ceil(PAGE).max(1);
     (usize::BITS - (pages - 1).leading_zeros()) as usize
 }
 
 /// The bytes a block of class `class` spans.
 #[inline]
 fn span(class: usize) -> usize {
-    ALIGN << class
+    PAGE << class
+}
+
+/// The distance between two blocks of class `class`: its span, at least
+/// `ALIGN`, so that every block starts on a multiple of `ALIGN`.
+#[inline]
+fn stride(class: usize) -> usize {
+    span(class).max(ALIGN)
 }
 
 /// The class a chunk word names.
 #[inline]
 fn class_in(word: usize) -> usize {
-    (word & (ALIGN - 1)) >> 1 & 0xf
+    (word & (PAGE - 1)) >> 1 & 0xf
 }
 
 /// The chunk word of the block of class `class` at `page`.
@@ -108,14 +120,16 @@ fn word(page: usize, class: usize) -> usize {
     page | class << 1 | MARK
 }
 
-/// Where a chunk word keeps the program's size, in 16-byte units (12
-/// bits: up to 64 KiB), above the page's bits.
+/// Where a chunk word keeps the program's size, in 16-byte units (13
+/// bits: up to 128 KiB), above the page's bits.
 const SIZE_SHIFT: u32 = 47;
+const SIZE_UNITS: usize = 0x1fff;
+const _: () = assert!(MAX.div_ceil(16) <= SIZE_UNITS);
 
 /// `word` saying that the program asked for `size` bytes (at most [`MAX`]).
 #[inline]
 fn with_size(word: usize, size: usize) -> usize {
-    (word & !(0xfff << SIZE_SHIFT)) | size.div_ceil(16) << SIZE_SHIFT
+    (word & !(SIZE_UNITS << SIZE_SHIFT)) | size.div_ceil(16) << SIZE_SHIFT
 }
 
 /// Bytes the program may use in the pool block whose chunk word is `word`:
@@ -124,7 +138,7 @@ fn with_size(word: usize, size: usize) -> usize {
 /// most of it is cold).
 #[inline]
 pub fn usable(word: usize) -> usize {
-    (word >> SIZE_SHIFT & 0xfff) << 4
+    (word >> SIZE_SHIFT & SIZE_UNITS) << 4
 }
 
 /// The end of the pool block whose chunk word is `word`.
@@ -192,26 +206,39 @@ fn pop(head_of: &AtomicUsize) -> Option<usize> {
 /// larger), keeps one and frees the others into set `set`; `None` when the
 /// system refuses memory.
 fn refill(class: usize, set: usize) -> Option<usize> {
-    let block = span(class);
-    let count = (REFILL_BYTES / block).max(1);
-    let len = count * block;
+    let stride = stride(class);
+    let count = (REFILL_BYTES / stride).max(1);
+    let len = count * stride;
+    // Room to start on a multiple of ALIGN; the ends are given back.
+    let mapped = len + ALIGN - PAGE;
     // SAFETY: a fresh private anonymous mapping, through the real mmap so
     // that it is not taken for one of the program's.
-    let base = unsafe {
+    let raw = unsafe {
         real::mmap(
             core::ptr::null_mut(),
-            len,
+            mapped,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
             -1,
             0,
         )
     };
-    if base == libc::MAP_FAILED {
+    if raw == libc::MAP_FAILED {
         return None;
     }
-    let base = base as usize;
-    if (base + len - 1) & !PAGE_BITS & !(ALIGN - 1) != 0 {
+    let raw = raw as usize;
+    let base = (raw + ALIGN - 1) & !(ALIGN - 1);
+    // SAFETY: the parts of the mapping just made before `base` and after
+    // `base + len`, unused.
+    unsafe {
+        if base > raw {
+            real::munmap(raw as *mut libc::c_void, base - raw);
+        }
+        if raw + mapped > base + len {
+            real::munmap((base + len) as *mut libc::c_void, raw + mapped - base - len);
+        }
+    }
+    if (base + len - 1) & !PAGE_BITS & !(PAGE - 1) != 0 {
         // Above 2^47 (only where the program asked for such addresses):
         // no room for the generation. Leave these blocks to glibc.
         // SAFETY: the mapping just made, unused.
@@ -219,13 +246,13 @@ fn refill(class: usize, set: usize) -> Option<usize> {
         return None;
     }
     if count > 1 {
-        let first = base + block;
-        let last = base + (count - 1) * block;
+        let first = base + stride;
+        let last = base + (count - 1) * stride;
         let mut page = first;
         while page < last {
             // SAFETY: blocks of the mapping just made.
-            unsafe { link(page) }.store(page + block, Relaxed);
-            page += block;
+            unsafe { link(page) }.store(page + stride, Relaxed);
+            page += stride;
         }
         // SAFETY: the mapping's blocks but the first, linked above, unused.
         unsafe { push_chain(&HEADS[set][class].0, first, last) };
@@ -234,7 +261,7 @@ fn refill(class: usize, set: usize) -> Option<usize> {
 }
 
 /// A block for a sampled block of `size` bytes placed `front` bytes into it
-/// (`TAG`, or a page for an aligned block), with its chunk word, which
+/// (`TAG`, or `ALIGN` for an aligned block), with its chunk word, which
 /// keeps `size`, in the word before the program's address: that address,
 /// or `None` when the system refuses memory (the caller then asks glibc).
 /// `size + front - TAG` is at most [`MAX`].
@@ -282,23 +309,25 @@ mod tests {
     #[test]
     fn classes_cover_every_size_up_to_max() {
         assert_eq!(class_of(0), 0);
-        assert_eq!(class_of(ALIGN - TAG), 0);
-        assert_eq!(class_of(ALIGN - TAG + 1), 1);
-        assert_eq!(class_of(2 * ALIGN - TAG), 1);
-        assert_eq!(class_of(2 * ALIGN - TAG + 1), 2);
-        assert_eq!(class_of(4 * ALIGN - TAG), 2);
-        assert_eq!(class_of(4 * ALIGN - TAG + 1), 3);
+        assert_eq!(class_of(PAGE - TAG), 0);
+        assert_eq!(class_of(PAGE - TAG + 1), 1);
+        assert_eq!(class_of(2 * PAGE - TAG), 1);
+        assert_eq!(class_of(2 * PAGE - TAG + 1), 2);
+        assert_eq!(class_of(4 * PAGE - TAG), 2);
+        assert_eq!(class_of(4 * PAGE - TAG + 1), 3);
+        assert_eq!(class_of(ALIGN), CLASSES - 1, "an aligned block's front");
         assert_eq!(class_of(MAX), CLASSES - 1);
-        for size in [1, 100, ALIGN - TAG, ALIGN, 3 * ALIGN + 5, MAX] {
+        for size in [1, 100, PAGE - TAG, PAGE, 3 * PAGE + 5, ALIGN, MAX] {
             let c = class_of(size);
             let w = word(0x7000_0000_0000, c);
             let room = end(w) - (0x7000_0000_0000 + TAG);
             assert!(room >= size, "size {size}");
-            assert!(room < 2 * (size + TAG) + ALIGN, "size {size}");
+            assert!(room < 2 * (size + TAG) + PAGE, "size {size}");
             assert_eq!(w & MARK, MARK);
             let sized = with_size(w, size);
             assert_eq!(usable(sized), size.div_ceil(16) * 16, "size {size}");
             assert_eq!(end(sized), end(w), "the size leaves the block as it was");
+            assert_eq!(class_in(sized), c);
             assert_eq!(
                 usable(with_size(sized, 1)),
                 16,
@@ -309,7 +338,25 @@ mod tests {
 
     #[test]
     fn blocks_are_reused_and_distinct_while_held() {
-        for size in [64, ALIGN - TAG, 5000, 3 * ALIGN, MAX] {
+        // A free block a class larger is used before more is mapped (class
+        // 3, 5-8 pages, is used nowhere else in the tests; class 4 only
+        // here, before any class-5 block is free to stand in for it).
+        let (big, w) = take(16 * PAGE - TAG).unwrap();
+        assert_eq!(end(w) - big, 16 * PAGE, "a class-4 block is 16 pages");
+        // SAFETY: our block, no longer used.
+        unsafe { give(w) };
+        let size = 6 * PAGE;
+        assert_eq!(class_of(size), 3);
+        let (p, w) = take(size).unwrap();
+        assert_eq!(p, big, "the class-4 block serves a class-3 request");
+        assert_eq!(
+            end(w),
+            big + 16 * PAGE,
+            "its chunk word keeps its own class"
+        );
+        // SAFETY: as above.
+        unsafe { give(w) };
+        for size in [64, PAGE - TAG, 5000, 3 * PAGE, MAX] {
             let n = 3 * REFILL_BYTES / ALIGN;
             let held: Vec<(usize, usize)> = (0..n).map(|_| take(size).unwrap()).collect();
             let mut sorted: Vec<usize> = held.iter().map(|h| h.0).collect();
@@ -322,7 +369,8 @@ mod tests {
                 "blocks of {size} bytes overlap"
             );
             for &(p, w) in &held {
-                assert_eq!(p % ALIGN, 0);
+                assert_eq!(p % ALIGN, 0, "blocks start on the tag's boundary");
+                assert!(crate::sampled::is_candidate(p + TAG));
                 assert_eq!(w & PAGE_BITS, p);
                 assert!(end(w) - (p + TAG) >= size);
                 // The whole block is ours to write.
@@ -345,23 +393,6 @@ mod tests {
                 unsafe { give(word(p, class_of(size))) };
             }
         }
-        // A free block a class larger is used before more is mapped (class
-        // 3, 5-8 pages, is used nowhere else in the tests).
-        let (big, w) = take(MAX).unwrap();
-        assert_eq!(end(w) - big, 16 * ALIGN, "a class-4 block is 16 pages");
-        // SAFETY: our block, no longer used.
-        unsafe { give(w) };
-        let size = 6 * ALIGN;
-        assert_eq!(class_of(size), 3);
-        let (p, w) = take(size).unwrap();
-        assert_eq!(p, big, "the class-4 block serves a class-3 request");
-        assert_eq!(
-            end(w),
-            big + 16 * ALIGN,
-            "its chunk word keeps its own class"
-        );
-        // SAFETY: as above.
-        unsafe { give(w) };
         // (One test: the pool is global, and tests run in parallel.)
         threads_never_share_a_block();
     }
@@ -372,7 +403,7 @@ mod tests {
                 std::thread::spawn(move || {
                     let mut mine = Vec::new();
                     for round in 0..2000usize {
-                        let size = if round % 2 == 0 { 100 } else { 2 * ALIGN + t };
+                        let size = if round % 2 == 0 { 100 } else { 2 * PAGE + t };
                         let (p, w) = take(size).unwrap();
                         // The block's words are ours alone while held.
                         // SAFETY: a block just taken.

@@ -3,32 +3,35 @@
 //!
 //! A free must tell a sampled block from the millions of unsampled ones
 //! without a shared lookup. A sampled block is therefore placed where glibc
-//! rarely puts one, at an address whose low twelve bits read 0x010 (`TAG`):
-//! a block of at most 64 KiB less 16 bytes gets whole pages of the tracer's
-//! own (pool.rs: glibc never sees it), a larger one the first such address
-//! in a block the tracer allocates one page larger. Aligned allocations
-//! that need more than 16-byte alignment get the address one alignment unit
-//! (at least a page) into their chunk (a pool block's second page, up to a
-//! page of alignment), low bits 0x000. Either way the two words before the
+//! rarely puts one, at an address whose low sixteen bits read 0x0010 (`TAG`
+//! past a multiple of `ALIGN`, 64 KiB): a block of up to 128 KiB less 16
+//! bytes gets pages of the tracer's own (pool.rs: glibc never sees it), each
+//! block starting on a 64 KiB boundary; a larger one the first such address
+//! in a block the tracer allocates 64 KiB larger. Aligned allocations that
+//! need more than 16-byte alignment get an address on a 64 KiB boundary,
+//! low bits 0x0000, one such unit into their chunk (for a pool block, the
+//! second 64 KiB of a 128 KiB one). Either way the two words before the
 //! program's address belong to the chunk: the word at `p - 8` holds the
 //! chunk's own address (for a pool block, its chunk word), the one at
 //! `p - 16` a key (below). `free` looks further only when
-//! `ptr & CANDIDATE_MASK == 0`, which an ordinary pointer meets about once in
-//! 128 frees.
+//! `ptr & CANDIDATE_MASK == 0`, which an ordinary 16-aligned pointer meets
+//! about once in 2048 frees. (With 4 KiB, once in 128: on the churn
+//! benchmark five in six candidates were ordinary blocks, each a branch
+//! mispredicted and a call into the slow path, about 12 ns.)
 //!
-//! Why not hand out the page-aligned address, as jemalloc does with its own
-//! arenas: once a sampled block goes back to glibc its page-aligned chunk is
+//! Why not hand out the aligned address, as jemalloc does with its own
+//! arenas: once a sampled block goes back to glibc its aligned chunk is
 //! recycled for ordinary blocks of the same size, and a program that keeps
 //! allocating that size would then send every free down the slow path (we
-//! measured 188,000 slow frees in 200,000 on a malloc(64)/free loop). The
-//! recycled chunk hands out its page-aligned start, which the 0x010 tag does
-//! not match.
+//! measured 188,000 slow frees in 200,000 on a malloc(64)/free loop with
+//! page-aligned chunks). The recycled chunk hands out its aligned start,
+//! which the 0x0010 tag does not match.
 //!
 //! Which candidates are sampled blocks: the key word holds `KEY ^ p`, where
 //! `KEY` is a random number drawn at start-up with its top bit set (so the
 //! key is never zero, and never equals a user-space address). For a tagged
-//! candidate that is not ours the word is the first of the same page; for a
-//! page-aligned one from glibc it is glibc's chunk header; both are mapped,
+//! candidate that is not ours the word is the first of the same page; for an
+//! aligned one from glibc it is glibc's chunk header; both are mapped,
 //! so reading it is safe, and a chance match with program data has
 //! probability 2^-63. The key is cleared before the chunk goes back to the
 //! allocator, so recycled memory never carries one. This costs a free
@@ -38,7 +41,7 @@
 //! TLB shootdown) were a quarter of the sampled-mode cost on the churn
 //! benchmark.
 //!
-//! Under another allocator (jemalloc, tcmalloc) a foreign page-aligned
+//! Under another allocator (jemalloc, tcmalloc) a foreign 64 KiB-aligned
 //! pointer may start a mapping, with nothing mapped before it, so aligned
 //! sampled blocks are looked up instead in a lock-free open-addressing hash
 //! set of the addresses the program holds, in one anonymous mapping: insert
@@ -58,13 +61,16 @@ const MAX_PROBES: usize = 4096;
 const EMPTY: u64 = 0;
 const TOMB: u64 = 1;
 
-/// Sampled chunks are aligned to this.
-pub const ALIGN: usize = 4096;
+/// Sampled blocks' addresses are this many bytes apart, plus `TAG` for
+/// the blocks that need no more than 16-byte alignment.
+pub const ALIGN: usize = 1 << 16;
+/// The page size the pool and `valloc` work in.
+pub const PAGE: usize = 4096;
 /// Offset of the program's address into a sampled chunk (for blocks that
 /// need no more than 16-byte alignment).
 pub const TAG: usize = 16;
-/// `free(p)` must look `p` up when `p & CANDIDATE_MASK == 0`: low twelve
-/// bits 0x000 (aligned sampled blocks) or 0x010 (the others).
+/// `free(p)` must look `p` up when `p & CANDIDATE_MASK == 0`: low sixteen
+/// bits 0x0000 (aligned sampled blocks) or 0x0010 (the others).
 pub const CANDIDATE_MASK: usize = (ALIGN - 1) & !TAG;
 
 /// Whether `p`, a candidate, is told by its key word rather than the set.
@@ -81,7 +87,7 @@ pub fn is_candidate(p: usize) -> bool {
 
 /// The first address with the tag's low bits at least `TAG` bytes into the
 /// block at `chunk` (16-aligned), leaving room for the chunk's address in the
-/// word before it.
+/// word before it: at most `ALIGN` bytes in.
 #[inline]
 pub fn tagged_in(chunk: usize) -> usize {
     ((chunk + ALIGN - 1) & !(ALIGN - 1)) + TAG
@@ -103,7 +109,7 @@ pub unsafe fn chunk_of(p: usize) -> usize {
 
 static SET: AtomicUsize = AtomicUsize::new(0);
 static KEY: AtomicU64 = AtomicU64::new(0);
-/// Whether page-aligned candidates are told by their key too (the next
+/// Whether aligned candidates (low bits 0x0000) are told by their key too (the next
 /// allocator is glibc, whose every block has a header before it).
 static ALIGNED_KEYED: AtomicBool = AtomicBool::new(false);
 
@@ -204,7 +210,7 @@ unsafe fn key_word(p: u64) -> &'static AtomicU64 {
 }
 
 /// Marks the block the program is about to get at `p` (from
-/// `sampled_alloc` or a page-aligned allocation) as sampled. False when it
+/// `sampled_alloc` or an aligned allocation) as sampled. False when it
 /// cannot be marked (the aligned set, under another allocator, is full).
 ///
 /// # Safety
@@ -288,10 +294,10 @@ mod tests {
     #[test]
     fn tagged_blocks_carry_a_key() {
         assert!(init());
-        let page = vec![0u64; 3 * 4096 / 8];
-        let base = (page.as_ptr() as usize + 4095) & !4095;
+        let page = vec![0u64; 3 * ALIGN / 8];
+        let base = (page.as_ptr() as usize + ALIGN - 1) & !(ALIGN - 1);
         let p = (base + TAG) as u64;
-        // SAFETY: [base, base + 8192) lies inside `page`.
+        // SAFETY: [base, base + 2 * ALIGN) lies inside `page`.
         unsafe {
             assert!(!holds(p));
             assert!(mark(p));
@@ -301,11 +307,16 @@ mod tests {
             assert_eq!(*(base as *const u64), 0, "the key is cleared");
             assert!(!holds(p));
             assert!(!take(p));
-            // Not a candidate: never looked at.
+            // Not candidates, whatever their key word holds: an address 16
+            // bytes on, and one with the tag's low twelve bits only.
             assert!(!holds(p + 16));
-            // A page-aligned block under glibc (this test's allocator) is
-            // keyed too.
-            let q = (base + 4096) as u64;
+            let q = p + PAGE as u64;
+            assert!(mark(q));
+            assert!(!holds(q) && !take(q), "0x1010 is not a candidate");
+            *((q - 16) as *mut u64) = 0;
+            // An aligned block under glibc (this test's allocator) is keyed
+            // too.
+            let q = (base + ALIGN) as u64;
             assert!(ALIGNED_KEYED.load(Relaxed));
             assert!(!holds(q));
             assert!(mark(q));
