@@ -196,7 +196,19 @@ fn pop(head_of: &AtomicUsize) -> Option<usize> {
         let next = unsafe { link(page) }.load(Relaxed) & PAGE_BITS;
         let new = next_head(head, next);
         match head_of.compare_exchange_weak(head, new, Acquire, Acquire) {
-            Ok(_) => return Some(page),
+            Ok(_) => {
+                // The next take of this class reads the next block's first
+                // line (its link) and writes it (the key, the chunk word, the
+                // program's first bytes): start fetching it now. Samples of
+                // one class are tens of microseconds apart, time enough for
+                // it to arrive and little for it to leave the core's cache;
+                // without this, perf put a take at about 70 ns, nearly all
+                // of it that line's miss.
+                if next != 0 {
+                    crate::sys::prefetch_write(next as *const u8);
+                }
+                return Some(page);
+            }
             Err(h) => head = h,
         }
     }

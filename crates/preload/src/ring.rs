@@ -104,7 +104,7 @@ impl Ring {
         // it rather than waiting on memory (the slot was last used a ring's
         // length of events ago, and the writer read it since). Sampled
         // pushes run far apart, long enough for it to arrive.
-        prefetch_write(self.slots.0[tail.wrapping_add(2) & MASK].get());
+        sys::prefetch_write(self.slots.0[tail.wrapping_add(2) & MASK].get());
         // Half full by our last view of the consumer: make sure it is
         // awake, rather than letting the ring fill while it sleeps. (The
         // view is refreshed first so a stale one does not wake it for
@@ -142,16 +142,6 @@ impl Ring {
         // SAFETY: called while no thread is pushing (the fork child handler
         // runs before any other code in the child).
         unsafe { *self.head_cache.0.get() = tail };
-    }
-}
-
-/// `prefetchw`: fetches the line holding `p` for writing. A hint: no fault,
-/// and a no-op on processors without it.
-#[inline(always)]
-fn prefetch_write<T>(p: *const T) {
-    // SAFETY: prefetchw reads nothing architecturally and never faults.
-    unsafe {
-        core::arch::asm!("prefetchw [{}]", in(reg) p, options(nostack, preserves_flags, readonly));
     }
 }
 

@@ -18,6 +18,17 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// `prefetchw`: starts fetching the line holding `p` in the state a write
+/// needs. A hint: it never faults (any address will do), and it is a no-op
+/// on processors without it.
+#[inline(always)]
+pub fn prefetch_write<T>(p: *const T) {
+    // SAFETY: prefetchw changes no architectural state and never faults.
+    unsafe {
+        core::arch::asm!("prefetchw [{}]", in(reg) p, options(nostack, preserves_flags, readonly));
+    }
+}
+
 /// Nanoseconds on CLOCK_MONOTONIC (the vDSO makes this a few tens of
 /// nanoseconds, without a system call).
 #[inline]
