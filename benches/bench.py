@@ -396,7 +396,7 @@ def main():
     started = time.time()
 
     # Sizes: default mode aims at 1-5 s bare per workload; quick at ~0.3 s.
-    churn_iters = 2_000_000 if quick else 10_000_000
+    churn_iters = 2_000_000 if quick else 15_000_000
     micro_iters = 3_000_000 if quick else 10_000_000
     py_rounds = 4 if quick else 30
     sort_mb = 8 if quick else 48
