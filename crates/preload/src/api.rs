@@ -11,7 +11,7 @@
 use core::ffi::{c_char, c_int, c_void};
 use core::sync::atomic::Ordering::Relaxed;
 
-use crate::tracer::{self, Decision, FreeKind, Tls, FREE_MASK, TLS};
+use crate::tracer::{self, Decision, FreeKind, Tls, HOT, TLS};
 use crate::{pool, real, sampled, sys, writer};
 
 /// Charges `size` to the thread's countdown; true when no sample point was
@@ -135,7 +135,7 @@ unsafe fn sampled_usable(p: *mut c_void) -> usize {
 
 #[inline(always)]
 fn is_free_candidate(p: *mut c_void) -> bool {
-    (p as usize) & FREE_MASK.load(Relaxed) == 0
+    (p as usize) & HOT.free_mask.load(Relaxed) == 0
 }
 
 /// An allocation entry point whose hot path is malloc's: find the thread's
@@ -266,7 +266,7 @@ unsafe fn calloc_slow(n: usize, size: usize, total: usize) -> *mut c_void {
 /// # Safety
 /// As C's `free`.
 ///
-/// Hot path: one test of the pointer against `FREE_MASK` and a jump to the
+/// Hot path: one test of the pointer against `tracer::HOT.free_mask` and a jump to the
 /// real `free`; the rare candidate (NULL, a page-aligned pointer in sampled
 /// mode, every pointer in exact mode) jumps to the slow path.
 #[cfg_attr(not(test), unsafe(no_mangle))]
@@ -278,7 +278,7 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
         "jmp qword ptr [rip + {real}]",
         "2:",
         "jmp {slow}",
-        mask = sym FREE_MASK,
+        mask = sym HOT,
         real = sym real::FREE,
         slow = sym free_slow,
     )
@@ -330,7 +330,7 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
         "add qword ptr fs:[rax], rsi",
         "2:",
         "jmp {slow}",
-        mask = sym FREE_MASK,
+        mask = sym HOT,
         real = sym real::REALLOC,
         slow = sym realloc_checked,
     )

@@ -63,7 +63,7 @@ extern "C" fn init() {
     real::init();
     tracer::with_internal(|| {
         let Some(cfg) = Config::from_env() else {
-            tracer::STATE.store(tracer::FINISHED, Release);
+            tracer::HOT.state.store(tracer::FINISHED, Release);
             return;
         };
         // SAFETY: written once here, before any thread of ours exists; read
@@ -73,7 +73,7 @@ extern "C" fn init() {
         warn_if_shadowed();
         if !stacks::init() || (!cfg.exact() && !sampled::init()) {
             sys::warn(&[b"cannot reserve memory for the tracer's tables; tracing disabled"]);
-            tracer::STATE.store(tracer::FINISHED, Release);
+            tracer::HOT.state.store(tracer::FINISHED, Release);
             return;
         }
         unwind::init(cfg.unwind == config::Unwind::Libgcc);
@@ -82,7 +82,7 @@ extern "C" fn init() {
         tracer::init_exit_key();
         tracer::start();
         if !writer::start(&cfg, sys::getppid(), false) {
-            tracer::STATE.store(tracer::FINISHED, Release);
+            tracer::HOT.state.store(tracer::FINISHED, Release);
             return;
         }
         // SAFETY: registering plain functions with no arguments.

@@ -36,7 +36,7 @@ use core::sync::atomic::{AtomicUsize, Ordering::*};
 
 use crate::real;
 use crate::sampled::{ALIGN, PAGE, TAG};
-use crate::tracer::TLS;
+use crate::tracer::{Tls, TLS};
 
 /// Size classes: a block of class `k` spans `2^k` pages, 1 to 32.
 pub const CLASSES: usize = 6;
@@ -80,12 +80,6 @@ pub const SETS: usize = 4;
 
 static HEADS: [[Head; CLASSES]; SETS] =
     [const { [const { Head(AtomicUsize::new(0)) }; CLASSES] }; SETS];
-
-/// The calling thread's set.
-#[inline]
-fn home() -> usize {
-    TLS.with(|t| t.pool_home()) % SETS
-}
 
 /// The class of a block of `size` bytes (at most [`MAX`]): the power of
 /// two of the pages it needs with the two words in front, rounded up.
@@ -289,29 +283,83 @@ pub fn place(size: usize, front: usize) -> Option<usize> {
 
 /// A block for a sampled block of `size` bytes (at most [`MAX`]), as its
 /// first page and its chunk word; `None` when the system refuses memory.
+///
+/// Per class, up to `SPARE_CLASSES` above the one needed: the block this
+/// thread freed last (its cache: no atomic instruction, and no read of the
+/// block, whose first line may have left the caches since), then this
+/// thread's set, then the others'.
 fn take(size: usize) -> Option<(usize, usize)> {
     let class = class_of(size);
-    let set = home();
-    // This class and the next few, each in this thread's set first.
-    let free =
-        |c: usize| (0..SETS).find_map(|i| pop(&HEADS[(set + i) % SETS][c].0).map(|p| (p, c)));
     let last = (class + SPARE_CLASSES).min(CLASSES - 1);
-    let (page, c) = (class..=last)
-        .find_map(free)
-        .or_else(|| Some((refill(class, set)?, class)))?;
-    Some((page, word(page, c)))
+    TLS.with(|t| {
+        let set = t.pool_home() % SETS;
+        let free = |c: usize| {
+            cached(t, c)
+                .or_else(|| (0..SETS).find_map(|i| pop(&HEADS[(set + i) % SETS][c].0)))
+                .map(|page| (page, word(page, c)))
+        };
+        (class..=last).find_map(free).or_else(|| {
+            let page = refill(class, set)?;
+            Some((page, word(page, class)))
+        })
+    })
+}
+
+/// Takes the thread's cached block of `class`, if any. The cell is read and
+/// cleared with the thread's guard up, so that an allocation by a signal
+/// handler in between is not sampled (tracer::decide) and a free by one
+/// goes to the shared stacks (`give`): the cell is this thread's alone, and
+/// plain loads and stores keep it so.
+fn cached(t: &Tls, class: usize) -> Option<usize> {
+    let cell = t.pool_cache(class);
+    if cell.get() == 0 || t.guard.get() {
+        return None;
+    }
+    t.guard.set(true);
+    let page = cell.replace(0);
+    t.guard.set(false);
+    (page != 0).then_some(page)
 }
 
 /// Gives back a block from [`place`], by its chunk word, whose program block
-/// was freed (its key cleared).
+/// was freed (its key cleared). It becomes the thread's cached block of its
+/// class; the one cached before goes to the thread's set.
 ///
 /// # Safety
 /// `word` came from [`place`] and nothing refers to its block any more.
 pub unsafe fn give(word: usize) {
     let page = word & PAGE_BITS;
     let class = class_in(word);
-    // SAFETY: as the contract.
-    unsafe { push_chain(&HEADS[home()][class].0, page, page) }
+    TLS.with(|t| {
+        let head = &HEADS[t.pool_home() % SETS][class].0;
+        if t.guard.get() || !t.exit_hooked() {
+            // Inside tracer code (a signal handler's free), or a thread
+            // whose exit would not give its cache back: the shared stack.
+            // SAFETY: as the contract.
+            unsafe { push_chain(head, page, page) };
+            return;
+        }
+        t.guard.set(true);
+        let old = t.pool_cache(class).replace(page);
+        t.guard.set(false);
+        if old != 0 {
+            // SAFETY: a free block of this class that was cached, now no
+            // longer.
+            unsafe { push_chain(head, old, old) };
+        }
+    })
+}
+
+/// Gives the thread's cached blocks to its set (at thread exit).
+pub fn release_cache(t: &Tls) {
+    let heads = &HEADS[t.pool_home() % SETS];
+    for (class, head) in heads.iter().enumerate() {
+        let page = t.pool_cache(class).replace(0);
+        if page != 0 {
+            // SAFETY: a free block of this class, cached until now.
+            unsafe { push_chain(&head.0, page, page) };
+        }
+    }
 }
 
 #[cfg(test)]
@@ -406,7 +454,63 @@ mod tests {
             }
         }
         // (One test: the pool is global, and tests run in parallel.)
+        a_thread_takes_back_the_block_it_freed_last_without_the_shared_stack();
         threads_never_share_a_block();
+    }
+
+    fn a_thread_takes_back_the_block_it_freed_last_without_the_shared_stack() {
+        std::thread::spawn(|| {
+            TLS.with(|t| {
+                // (Run from the one test that takes blocks.)
+                let size = 3 * PAGE;
+                let c = class_of(size);
+                assert_eq!(c, 2);
+                let (a, wa) = take(size).unwrap();
+                let (b, wb) = take(size).unwrap();
+                // Without the exit hook the cache is not used.
+                // SAFETY: our block, no longer used.
+                unsafe { give(wa) };
+                assert_eq!(t.pool_cache(c).get(), 0);
+                let (a2, wa) = take(size).unwrap();
+                assert_eq!(a2, a, "from the shared stack");
+                t.fake_exit_hook(true);
+                // SAFETY: as above.
+                unsafe { give(wa) };
+                assert_eq!(t.pool_cache(c).get(), a, "cached");
+                // SAFETY: as above.
+                unsafe { give(wb) };
+                assert_eq!(t.pool_cache(c).get(), b, "the newer one is cached");
+                let (b2, wb) = take(size).unwrap();
+                assert_eq!((b2, wb & PAGE_BITS), (b, b));
+                assert_eq!(t.pool_cache(c).get(), 0);
+                let (a2, wa) = take(size).unwrap();
+                assert_eq!(a2, a, "the older one went to the shared stack");
+                // A free inside tracer code (a signal handler's) bypasses
+                // the cache, and so does a take.
+                t.guard.set(true);
+                // SAFETY: as above.
+                unsafe { give(wa) };
+                assert_eq!(t.pool_cache(c).get(), 0);
+                t.guard.set(false);
+                // SAFETY: as above.
+                unsafe { give(wb) };
+                assert_eq!(t.pool_cache(c).get(), b);
+                release_cache(t);
+                assert_eq!(t.pool_cache(c).get(), 0);
+                let mut back = [take(size).unwrap().0, take(size).unwrap().0];
+                back.sort_unstable();
+                let mut want = [a, b];
+                want.sort_unstable();
+                assert_eq!(back, want, "both on the shared stack at exit");
+                t.fake_exit_hook(false);
+                for p in back {
+                    // SAFETY: as above.
+                    unsafe { give(word(p, c)) };
+                }
+            })
+        })
+        .join()
+        .unwrap();
     }
 
     fn threads_never_share_a_block() {

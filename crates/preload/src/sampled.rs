@@ -51,9 +51,10 @@
 //! block is given back to the allocator, so no two live entries ever hold
 //! the same address.
 
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
 
 use crate::sys;
+use crate::tracer::HOT;
 
 const BITS: u32 = 20;
 const SLOTS: usize = 1 << BITS;
@@ -76,7 +77,7 @@ pub const CANDIDATE_MASK: usize = (ALIGN - 1) & !TAG;
 /// Whether `p`, a candidate, is told by its key word rather than the set.
 #[inline]
 fn keyed(p: u64) -> bool {
-    p & TAG as u64 != 0 || ALIGNED_KEYED.load(Relaxed)
+    p & TAG as u64 != 0 || HOT.aligned_keyed.load(Relaxed)
 }
 
 /// True when `p` may be a sampled block (its low bits say so).
@@ -108,10 +109,6 @@ pub unsafe fn chunk_of(p: usize) -> usize {
 }
 
 static SET: AtomicUsize = AtomicUsize::new(0);
-static KEY: AtomicU64 = AtomicU64::new(0);
-/// Whether aligned candidates (low bits 0x0000) are told by their key too (the next
-/// allocator is glibc, whose every block has a header before it).
-static ALIGNED_KEYED: AtomicBool = AtomicBool::new(false);
 
 /// A random key with its top bit set: from the kernel when it answers, from
 /// the clock and addresses otherwise (it only has to be unguessable by
@@ -133,8 +130,9 @@ pub fn init() -> bool {
     // Called from the constructor (and by unit tests, concurrently).
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        KEY.store(draw_key(), Relaxed);
-        ALIGNED_KEYED.store(crate::real::next_is_glibc(), Relaxed);
+        HOT.key.store(draw_key(), Relaxed);
+        HOT.aligned_keyed
+            .store(crate::real::next_is_glibc(), Relaxed);
         let p = sys::map_anon(SLOTS * 8);
         if !p.is_null() {
             SET.store(p as usize, Release);
@@ -192,7 +190,7 @@ fn find(addr: u64) -> Option<&'static AtomicU64> {
 /// (exact mode, or sampled mode not started), when no block is marked.
 #[inline]
 fn key_for(p: u64) -> Option<u64> {
-    let key = KEY.load(Relaxed);
+    let key = HOT.key.load(Relaxed);
     (key != 0).then_some(key ^ p)
 }
 
@@ -317,7 +315,7 @@ mod tests {
             // An aligned block under glibc (this test's allocator) is keyed
             // too.
             let q = (base + ALIGN) as u64;
-            assert!(ALIGNED_KEYED.load(Relaxed));
+            assert!(HOT.aligned_keyed.load(Relaxed));
             assert!(!holds(q));
             assert!(mark(q));
             assert!(holds(q));

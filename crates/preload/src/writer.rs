@@ -327,7 +327,8 @@ pub fn finish() {
     if !is_owner() {
         return;
     }
-    if tracer::STATE
+    if tracer::HOT
+        .state
         .compare_exchange(tracer::RUNNING, tracer::FINISHED, AcqRel, Relaxed)
         .is_err()
     {
@@ -378,7 +379,7 @@ pub extern "C" fn fork_child(cfg: &Config) {
     BUSY.store(false, Release);
     let ok = tracer::with_internal(|| start(cfg, sys::getppid(), true));
     if !ok {
-        tracer::STATE.store(tracer::FINISHED, Release);
+        tracer::HOT.state.store(tracer::FINISHED, Release);
     }
 }
 
