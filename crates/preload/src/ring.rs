@@ -56,14 +56,22 @@ pub const RELEASED: u32 = 2;
 struct Padded<T>(T);
 
 #[repr(C)]
+struct Producer {
+    /// Index of the next slot the producer fills. Written only by the owner.
+    tail: AtomicUsize,
+    /// The producer's last view of `head`, so that a push reads the shared
+    /// `head` line only when the ring looks full. Only the owner touches it
+    /// (and a fork child's handler, before any other code runs).
+    head_cache: UnsafeCell<usize>,
+}
+
+#[repr(C)]
 pub struct Ring {
     /// Index of the next slot the consumer reads. Written only by the writer.
     head: Padded<AtomicUsize>,
-    /// Index of the next slot the producer fills. Written only by the owner.
-    tail: Padded<AtomicUsize>,
-    /// The producer's last view of `head`, so that a push reads the shared
-    /// `head` line only when the ring looks full.
-    head_cache: Padded<UnsafeCell<usize>>,
+    /// The producer's line: `tail` and its view of `head`, one line for a
+    /// push to touch besides its slot.
+    producer: Padded<Producer>,
     /// FREE, OWNED or RELEASED.
     pub state: AtomicU32,
     /// The thread that owns the ring (diagnostics).
@@ -86,9 +94,9 @@ impl Ring {
     /// Only the thread that owns the ring may push.
     #[inline]
     pub unsafe fn push(&self, ev: Event) -> bool {
-        let tail = self.tail.0.load(Relaxed);
+        let tail = self.producer.0.tail.load(Relaxed);
         // SAFETY: `head_cache` is touched only by the producer.
-        let cache = unsafe { &mut *self.head_cache.0.get() };
+        let cache = unsafe { &mut *self.producer.0.head_cache.get() };
         if tail.wrapping_sub(*cache) >= CAP {
             *cache = self.head.0.load(Acquire);
             if tail.wrapping_sub(*cache) >= CAP {
@@ -98,7 +106,7 @@ impl Ring {
         // SAFETY: slot `tail` is outside the consumer's window [head, tail)
         // and inside the ring (masked), so no one else reads or writes it.
         unsafe { *self.slots.0[tail & MASK].get() = ev };
-        self.tail.0.store(tail.wrapping_add(1), Release);
+        self.producer.0.tail.store(tail.wrapping_add(1), Release);
         // The line of the push after next (a new one every other push):
         // asked for now, in the state a write needs, so that the write finds
         // it rather than waiting on memory (the slot was last used a ring's
@@ -121,7 +129,7 @@ impl Ring {
     /// Pops everything available into `out`. Only the writer calls this.
     pub fn drain(&self, out: &mut Vec<Event>) -> usize {
         let head = self.head.0.load(Relaxed);
-        let tail = self.tail.0.load(Acquire);
+        let tail = self.producer.0.tail.load(Acquire);
         let n = tail.wrapping_sub(head);
         debug_assert!(n <= CAP, "ring overrun: head {head} tail {tail}");
         for i in 0..n {
@@ -137,11 +145,11 @@ impl Ring {
     /// Throws away queued events without reading them (in a fork child: they
     /// belong to the parent, whose writer records them).
     pub fn discard(&self) {
-        let tail = self.tail.0.load(Acquire);
+        let tail = self.producer.0.tail.load(Acquire);
         self.head.0.store(tail, Release);
         // SAFETY: called while no thread is pushing (the fork child handler
         // runs before any other code in the child).
-        unsafe { *self.head_cache.0.get() = tail };
+        unsafe { *self.producer.0.head_cache.get() = tail };
     }
 }
 
