@@ -266,9 +266,10 @@ unsafe fn calloc_slow(n: usize, size: usize, total: usize) -> *mut c_void {
 /// # Safety
 /// As C's `free`.
 ///
-/// Hot path: one test of the pointer against `tracer::HOT.free_mask` and a jump to the
-/// real `free`; the rare candidate (NULL, a page-aligned pointer in sampled
-/// mode, every pointer in exact mode) jumps to the slow path.
+/// Hot path: one test of the pointer against `tracer::HOT.free_mask` and a
+/// jump to the real `free`; the rare candidate (NULL, in sampled mode an
+/// address whose low sixteen bits read 0x0000 or 0x0010, in exact mode every
+/// pointer) jumps to the slow path.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 #[unsafe(naked)]
 pub unsafe extern "C" fn free(p: *mut c_void) {
