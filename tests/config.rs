@@ -152,19 +152,20 @@ fn the_writer_wakes_every_50_ms_sampled_and_every_10_ms_exact() {
     let exe = compile("tests/programs/writer_pace.c", scratch.path());
     // Each cycle is one sleep on a futex: one voluntary switch. A busy
     // machine can only delay the timer, so the upper bounds are firm; the
-    // lower one (100 expected) leaves room for a loaded host.
+    // lower ones (100 expected) leave room for a loaded host, whose writer
+    // may run late (never early).
     let sampled = writer_wakeups(&Tracer::default_rate(&scratch.dir("s")), &exe);
     assert!(
         sampled <= 30,
         "sampled: {sampled} wake-ups in 1 s (50 ms pace)"
     );
     let exact = writer_wakeups(&Tracer::exact(&scratch.dir("e")), &exe);
-    assert!(exact >= 50, "exact: {exact} wake-ups in 1 s (10 ms pace)");
+    assert!(exact >= 40, "exact: {exact} wake-ups in 1 s (10 ms pace)");
     // An explicit MTRACE_RS_FLUSH_MS holds in either mode.
     let slow = Tracer::exact(&scratch.dir("x")).env("MTRACE_RS_FLUSH_MS", "200");
     let slow = writer_wakeups(&slow, &exe);
     assert!(slow <= 8, "exact at 200 ms: {slow} wake-ups in 1 s");
     let fast = Tracer::default_rate(&scratch.dir("f")).env("MTRACE_RS_FLUSH_MS", "10");
     let fast = writer_wakeups(&fast, &exe);
-    assert!(fast >= 50, "sampled at 10 ms: {fast} wake-ups in 1 s");
+    assert!(fast >= 40, "sampled at 10 ms: {fast} wake-ups in 1 s");
 }
