@@ -111,6 +111,9 @@ pub struct Tls {
     /// The last pool block of each class this thread freed, kept for its
     /// next take of that class (pool.rs); 0 when none.
     pool_cache: [Cell<usize>; crate::pool::CLASSES],
+    /// Whether `thread_exit` will run when the thread ends (its ring was
+    /// registered with the exit key), to give the cached blocks back.
+    exit_hooked: Cell<bool>,
 }
 
 /// Bytes reserved for `Tls` in the TLS segment.
@@ -176,21 +179,17 @@ impl Tls {
         &self.pool_cache[class]
     }
 
-    /// Whether the thread's exit will run `thread_exit` (it registered its
-    /// ring), which gives its cached pool blocks back.
+    /// Whether the thread's exit will run `thread_exit`, which gives its
+    /// cached pool blocks back.
     #[inline]
     pub fn exit_hooked(&self) -> bool {
-        !self.ring.get().is_null()
+        self.exit_hooked.get()
     }
 
     /// Makes `exit_hooked` say `hooked` on a test thread, which has no ring.
     #[cfg(test)]
     pub fn fake_exit_hook(&self, hooked: bool) {
-        self.ring.set(if hooked {
-            core::ptr::NonNull::dangling().as_ptr()
-        } else {
-            core::ptr::null_mut()
-        });
+        self.exit_hooked.set(hooked);
     }
 }
 
@@ -256,6 +255,7 @@ pub fn init_exit_key() {
 unsafe extern "C" fn thread_exit(arg: *mut libc::c_void) {
     TLS.with(|t| {
         crate::pool::release_cache(t);
+        t.exit_hooked.set(false);
         if t.ring.get() == arg as *mut Ring {
             t.ring.set(core::ptr::null_mut());
         }
@@ -616,9 +616,10 @@ fn push(t: &Tls, ev: Event) {
         if key != usize::MAX {
             // SAFETY: a key created by pthread_key_create; the value is our
             // ring, handed to `thread_exit` when the thread ends.
-            unsafe {
+            let rc = unsafe {
                 libc::pthread_setspecific(key as libc::pthread_key_t, r as *const libc::c_void)
             };
+            t.exit_hooked.set(rc == 0);
         }
     }
     // SAFETY: the ring belongs to this thread.
