@@ -10,7 +10,17 @@ and the ratio of their CPU times (the process's, the tracer's writer thread
 included, which inherits the pin) varies by 1-2% a round. It prints the
 median, mean and standard deviation of the per-round ratios B / A.
 
-    benches/pair.py [--rounds N] [--iters N] [--churn PATH] A B
+With --same-core, each round runs two pairs at once, each pair on one core
+with both of its configurations pinned to that core, so that the kernel
+time-slices them: every few milliseconds each sees the same host, and the
+ratio of their CPU times varies by about 0.5% a pair (1-2% the other way on
+a quiet host, 4-8% on a busy one). Each pair gives a ratio: 10 rounds give
+20, a standard error of about 0.1%. The time-slicing also costs each of
+them some cache refills; it is the difference between A and B that this
+measures. Set MTRACE_RS_SEED in both (e.g. `A:...,MTRACE_RS_SEED=7`) so
+that a sampled run draws the same samples in both.
+
+    benches/pair.py [--same-core] [--rounds N] [--iters N] [--churn PATH] A B
 
 A and B are NAME or NAME:VAR=VALUE,VAR=VALUE, e.g.
 
@@ -52,6 +62,8 @@ def main():
     ap.add_argument("--iters", type=int, default=12_000_000,
                     help="churn iterations (one thread; about 1 s bare)")
     ap.add_argument("--churn", default=os.path.join(root, "bench-out", "bin", "churn"))
+    ap.add_argument("--same-core", action="store_true",
+                    help="pin both configurations of a pair to one core (two pairs a round)")
     ap.add_argument("a")
     ap.add_argument("b")
     args = ap.parse_args()
@@ -68,23 +80,37 @@ def main():
             sys.exit("pair.py: give the two configurations different names")
         ratios = []
         for r in range(args.rounds):
+            # (config index, cpu) for every process of the round; a pair's
+            # ratio is B's CPU time over A's on the same core (same-core) or
+            # in the same round (default).
+            if args.same_core:
+                runs = [(i, cpu) for cpu in (0, 1)
+                        for i in ((0, 1) if (r + cpu) % 2 == 0 else (1, 0))]
+            else:
+                runs = [(i, (i + r) % 2) for i in (0, 1)]
             procs = []
-            for i, (_, env) in enumerate(cfgs):
-                cpu = str((i + r) % 2)
-                cmd = ["taskset", "-c", cpu, args.churn, "1", str(args.iters)]
-                procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))
-            cpu_time = []
-            for p in procs:
+            for i, cpu in runs:
+                cmd = ["taskset", "-c", str(cpu), args.churn, "1", str(args.iters)]
+                procs.append((i, cpu, subprocess.Popen(cmd, env=cfgs[i][1],
+                                                        stdout=subprocess.DEVNULL)))
+            cpu_time = {}
+            for i, cpu, p in procs:
                 _, status, usage = os.wait4(p.pid, 0)
                 if status != 0:
                     sys.exit(f"pair.py: churn failed (status {status})")
-                cpu_time.append(usage.ru_utime + usage.ru_stime)
-            ratios.append(cpu_time[1] / cpu_time[0])
+                cpu_time[(i, cpu)] = usage.ru_utime + usage.ru_stime
+            if args.same_core:
+                ratios += [cpu_time[(1, c)] / cpu_time[(0, c)] for c in (0, 1)]
+            else:
+                ratios.append(sum(cpu_time[(1, c)] for c in (0, 1) if (1, c) in cpu_time)
+                              / sum(cpu_time[(0, c)] for c in (0, 1) if (0, c) in cpu_time))
             for f in os.listdir(tmp):
                 os.unlink(os.path.join(tmp, f))
-        print(f"{cfgs[1][0]} / {cfgs[0][0]}, CPU time, {len(ratios)} rounds: "
+        sd = statistics.stdev(ratios)
+        print(f"{cfgs[1][0]} / {cfgs[0][0]}, CPU time, {len(ratios)} "
+              f"{'pairs' if args.same_core else 'rounds'}: "
               f"median {statistics.median(ratios):.4f}, mean {statistics.mean(ratios):.4f}, "
-              f"sd {statistics.stdev(ratios):.4f}")
+              f"sd {sd:.4f}, standard error {sd / len(ratios) ** 0.5:.4f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
