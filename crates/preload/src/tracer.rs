@@ -108,16 +108,17 @@ pub struct Tls {
     /// Which of the pool's sets of free blocks this thread takes from and
     /// gives to first (pool.rs).
     pool_home: Cell<u8>,
-    /// The last pool block of each class this thread freed, kept for its
-    /// next take of that class (pool.rs); 0 when none.
-    pool_cache: [Cell<usize>; crate::pool::CLASSES],
+    /// Pool blocks of each class this thread freed, kept for its next takes
+    /// of that class (pool.rs): a stack of `pool_cached[class]` entries.
+    pool_cache: [[Cell<usize>; crate::pool::CACHE_DEPTH]; crate::pool::CLASSES],
+    pool_cached: [Cell<u8>; crate::pool::CLASSES],
     /// Whether `thread_exit` will run when the thread ends (its ring was
     /// registered with the exit key), to give the cached blocks back.
     exit_hooked: Cell<bool>,
 }
 
 /// Bytes reserved for `Tls` in the TLS segment.
-const TLS_BYTES: usize = 128;
+const TLS_BYTES: usize = 320;
 const _: () =
     assert!(core::mem::size_of::<Tls>() <= TLS_BYTES && core::mem::align_of::<Tls>() <= 64);
 
@@ -134,9 +135,9 @@ core::arch::global_asm!(
     ".globl mtrace_rs_tls",
     ".hidden mtrace_rs_tls",
     ".type mtrace_rs_tls, @object",
-    ".size mtrace_rs_tls, 128",
+    ".size mtrace_rs_tls, 320",
     "mtrace_rs_tls:",
-    ".zero 128",
+    ".zero 320",
     ".text",
 );
 
@@ -173,10 +174,11 @@ impl Tls {
         self.pool_home.get() as usize
     }
 
-    /// The thread's cached free pool block of `class` (pool.rs).
+    /// The thread's cached free pool blocks of `class` (pool.rs), and how
+    /// many of them are in use.
     #[inline]
-    pub fn pool_cache(&self, class: usize) -> &Cell<usize> {
-        &self.pool_cache[class]
+    pub fn pool_cache(&self, class: usize) -> (&[Cell<usize>], &Cell<u8>) {
+        (&self.pool_cache[class], &self.pool_cached[class])
     }
 
     /// Whether the thread's exit will run `thread_exit`, which gives its

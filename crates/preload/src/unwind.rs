@@ -349,7 +349,7 @@ struct Memo {
 
 /// Two reads a frame (return address, saved rbp) for up to 64 frames.
 const MEMO_READS: usize = 128;
-const MEMO_SETS: usize = 8;
+const MEMO_SETS: usize = 32;
 const MEMO_WAYS: usize = 4;
 
 // The calling thread's cache pointer: 0 not yet made, 1 cannot be made
@@ -686,7 +686,7 @@ fn capture_dwarf_and_intern(depth: usize, intern: impl FnOnce(&[u64]) -> u32) ->
 
 #[inline(always)]
 fn memo_set(sp: u64, bp: u64) -> usize {
-    (((sp >> 4) ^ (bp >> 3)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 61) as usize % MEMO_SETS
+    (((sp >> 4) ^ (bp >> 3)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 59) as usize % MEMO_SETS
 }
 
 /// The id of a memoized walk whose recorded reads all still hold.
