@@ -41,10 +41,33 @@ pub const KIND_MMAP: u32 = 4;
 /// An unmapped range (`size` is its length).
 pub const KIND_MUNMAP: u32 = 5;
 
-/// Slots per ring: 32 Ki events, 1 MiB of address space, touched only as far
-/// as the ring has ever filled.
+/// Slots per ring as mapped: 32 Ki events, 1 MiB of address space, touched
+/// only as far as the ring has ever filled. Exact mode uses them all.
 pub const CAP: usize = 1 << 15;
-const MASK: usize = CAP - 1;
+
+/// Slots a ring uses in sampled mode: 8 Ki events, 256 KiB. A ring of 1 MiB
+/// went round once every half second or so on the churn and did not fit the
+/// core's second-level cache beside the program's data, so a push wrote a
+/// line fetched from memory; at 256 KiB it stays there. Same-core pairs
+/// (benches/pair.py --same-core) put the whole run's CPU time 0.35-0.45%
+/// lower with 2, 4 or 8 Ki slots than with 32 Ki. 8 Ki slots still hold
+/// more than 100 ms of the churn's sampled events.
+pub const SAMPLED_CAP: usize = 1 << 13;
+
+/// The number of slots rings use, set once when tracing starts.
+static CAPACITY: AtomicUsize = AtomicUsize::new(CAP);
+
+/// Sets the slots rings made from now on use: a power of two, at most `CAP`.
+/// Called before any ring is made (tracer::configure).
+pub fn set_capacity(cap: usize) {
+    debug_assert!(cap.is_power_of_two() && cap <= CAP);
+    CAPACITY.store(cap.clamp(2, CAP), Relaxed);
+}
+
+/// The slots a ring uses.
+pub fn capacity() -> usize {
+    CAPACITY.load(Relaxed)
+}
 
 /// `Ring::state` values.
 pub const FREE: u32 = 0;
@@ -63,6 +86,9 @@ struct Producer {
     /// `head` line only when the ring looks full. Only the owner touches it
     /// (and a fork child's handler, before any other code runs).
     head_cache: UnsafeCell<usize>,
+    /// The slots in use less one (`capacity()` when the ring was made): on
+    /// the line a push reads anyway.
+    mask: AtomicUsize,
 }
 
 #[repr(C)]
@@ -95,31 +121,33 @@ impl Ring {
     #[inline]
     pub unsafe fn push(&self, ev: Event) -> bool {
         let tail = self.producer.0.tail.load(Relaxed);
+        let mask = self.producer.0.mask.load(Relaxed);
+        let cap = mask + 1;
         // SAFETY: `head_cache` is touched only by the producer.
         let cache = unsafe { &mut *self.producer.0.head_cache.get() };
-        if tail.wrapping_sub(*cache) >= CAP {
+        if tail.wrapping_sub(*cache) >= cap {
             *cache = self.head.0.load(Acquire);
-            if tail.wrapping_sub(*cache) >= CAP {
+            if tail.wrapping_sub(*cache) >= cap {
                 return false;
             }
         }
         // SAFETY: slot `tail` is outside the consumer's window [head, tail)
         // and inside the ring (masked), so no one else reads or writes it.
-        unsafe { *self.slots.0[tail & MASK].get() = ev };
+        unsafe { *self.slots.0[tail & mask].get() = ev };
         self.producer.0.tail.store(tail.wrapping_add(1), Release);
         // The line of the push after next (a new one every other push):
         // asked for now, in the state a write needs, so that the write finds
         // it rather than waiting on memory (the slot was last used a ring's
         // length of events ago, and the writer read it since). Sampled
         // pushes run far apart, long enough for it to arrive.
-        sys::prefetch_write(self.slots.0[tail.wrapping_add(2) & MASK].get());
+        sys::prefetch_write(self.slots.0[tail.wrapping_add(2) & mask].get());
         // Half full by our last view of the consumer: make sure it is
         // awake, rather than letting the ring fill while it sleeps. (The
         // view is refreshed first so a stale one does not wake it for
         // nothing; a sleeping writer is woken by one producer only.)
-        if tail.wrapping_sub(*cache) == CAP / 2 {
+        if tail.wrapping_sub(*cache) == cap / 2 {
             *cache = self.head.0.load(Acquire);
-            if tail.wrapping_sub(*cache) >= CAP / 2 {
+            if tail.wrapping_sub(*cache) >= cap / 2 {
                 wake_writer();
             }
         }
@@ -130,13 +158,14 @@ impl Ring {
     pub fn drain(&self, out: &mut Vec<Event>) -> usize {
         let head = self.head.0.load(Relaxed);
         let tail = self.producer.0.tail.load(Acquire);
+        let mask = self.producer.0.mask.load(Relaxed);
         let n = tail.wrapping_sub(head);
-        debug_assert!(n <= CAP, "ring overrun: head {head} tail {tail}");
+        debug_assert!(n <= mask + 1, "ring overrun: head {head} tail {tail}");
         for i in 0..n {
             // SAFETY: slots in [head, tail) were published by the producer's
             // release store of `tail`, and the producer does not touch them
             // until we move `head` past them.
-            out.push(unsafe { *self.slots.0[head.wrapping_add(i) & MASK].get() });
+            out.push(unsafe { *self.slots.0[head.wrapping_add(i) & mask].get() });
         }
         self.head.0.store(tail, Release);
         n
@@ -228,6 +257,7 @@ pub fn acquire(tid: u32) -> *mut Ring {
     // SAFETY: a fresh zeroed mapping is a valid empty ring (all-zero atomics,
     // zeroed events); we own it until it is published below.
     unsafe {
+        (*p).producer.0.mask.store(capacity() - 1, Relaxed);
         (*p).state.store(OWNED, Relaxed);
         (*p).tid.store(tid, Relaxed);
         let mut head = POOL.load(Relaxed);

@@ -199,6 +199,11 @@ impl Tls {
 pub fn configure(rate: u64, depth: usize, seed: Option<u64>, unwind: Unwind) {
     HOT.rate.store(rate.max(1), Relaxed);
     HOT.exact.store(rate <= 1, Relaxed);
+    ring::set_capacity(if rate <= 1 {
+        ring::CAP
+    } else {
+        ring::SAMPLED_CAP
+    });
     HOT.depth.store(depth.clamp(1, MAX_DEPTH), Relaxed);
     if let Some(s) = seed {
         SEED.store(s, Relaxed);

@@ -268,7 +268,7 @@ extern "C" fn thread_main(_: *mut c_void) -> *mut c_void {
                 return core::ptr::null_mut();
             }
             if let Some(w) = writer() {
-                busy = w.cycle() > ring::CAP / 4;
+                busy = w.cycle() > ring::capacity() / 4;
                 pace = w.flush_ms;
             }
             unlock();
