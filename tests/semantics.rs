@@ -66,3 +66,31 @@ fn glibc_semantics_are_identical_bare_exact_and_sampled_every_64_bytes() {
         );
     }
 }
+
+/// patch.rs points each hook's hot-path jump straight at the real function
+/// when the constructor runs single-threaded: under the tracer, every hook the
+/// program calls is ours and its jump lands in libc, in both modes; and the
+/// program's allocations through every hook work.
+#[test]
+fn every_hook_jumps_straight_to_libc_once_patched() {
+    let scratch = Scratch::new("hook-jumps");
+    let exe = compile("tests/programs/hook_jumps.c", scratch.path());
+    let bare = run_bare(&mut Command::new(&exe));
+    assert!(bare.status.success(), "{}", stdout(&bare));
+    for (mode, tracer) in [
+        ("default", Tracer::default_rate(&scratch.dir("default"))),
+        ("exact", Tracer::exact(&scratch.dir("exact"))),
+    ] {
+        let out = tracer.run(&mut Command::new(&exe));
+        let text = stdout(&out);
+        assert!(out.status.success(), "{mode}: {text}\n{}", stderr(&out));
+        assert!(text.contains("sum 1000"), "{mode}: {text}");
+        let hooks: Vec<&str> = text.lines().filter(|l| l.contains(" -> ")).collect();
+        assert_eq!(hooks.len(), 9, "{mode}: {text}");
+        for line in hooks {
+            let (hook, target) = line.split_once(" -> ").unwrap();
+            assert!(hook.contains("libmtrace_rs.so"), "{mode}: {line}");
+            assert!(target.contains("libc.so"), "{mode}: not patched: {line}");
+        }
+    }
+}

@@ -141,9 +141,11 @@ fn is_free_candidate(p: *mut c_void) -> bool {
 /// An allocation entry point whose hot path is malloc's: find the thread's
 /// state (initial-exec TLS, addressed from `fs`), subtract the size (in the
 /// register `size`) from the countdown in place, and if it stays positive
-/// jump to the real function; otherwise add the size back and jump to
-/// `slow` with the arguments untouched. Only `rax`, which carries no
-/// argument of these functions, is used. Four instructions: the Rust version
+/// jump to the real function (a conditional jump that patch.rs points
+/// straight at it; until then it reaches a jump through the function's
+/// pointer); otherwise add the size back and jump to `slow` with the
+/// arguments untouched. Only `rax`, which carries no argument of these
+/// functions, is used. Three instructions: the Rust version
 /// compiles to more (a separate load and store of the countdown, and the
 /// frame setup it cannot avoid, as the crate keeps frame pointers for the
 /// frame-pointer unwinder; tail jumps leave no frame). The comparison is
@@ -164,11 +166,14 @@ macro_rules! countdown_entry {
                 // tracer.rs), at the thread pointer plus this offset.
                 "mov rax, qword ptr [rip + mtrace_rs_tls@GOTTPOFF]",
                 concat!("sub qword ptr fs:[rax], ", $size),
-                "jbe 2f",
-                "jmp qword ptr [rip + {real}]",
-                "2:",
+                // ja rel32 to the real function (patch.rs): the jump
+                // through its pointer below until patched.
+                ".byte 0x0f, 0x87",
+                ".long 3f - . - 4",
                 concat!("add qword ptr fs:[rax], ", $size),
                 "jmp {slow}",
+                "3:",
+                "jmp qword ptr [rip + {real}]",
                 real = sym $real,
                 slow = sym $slow,
             )
@@ -216,12 +221,14 @@ pub unsafe extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
         "jo 2f",
         "mov rcx, qword ptr [rip + mtrace_rs_tls@GOTTPOFF]",
         "sub qword ptr fs:[rcx], rax",
-        "jbe 3f",
-        "jmp qword ptr [rip + {real}]",
-        "3:",
+        // ja rel32, as in `countdown_entry`.
+        ".byte 0x0f, 0x87",
+        ".long 3f - . - 4",
         "add qword ptr fs:[rcx], rax",
         "2:",
         "jmp {slow}",
+        "3:",
+        "jmp qword ptr [rip + {real}]",
         real = sym real::CALLOC,
         slow = sym calloc_checked,
     )
@@ -267,7 +274,7 @@ unsafe fn calloc_slow(n: usize, size: usize, total: usize) -> *mut c_void {
 /// As C's `free`.
 ///
 /// Hot path: one test of the pointer against `tracer::HOT.free_mask` and a
-/// jump to the real `free`; the rare candidate (NULL, in sampled mode an
+/// conditional jump to the real `free` (patch.rs); the rare candidate (NULL, in sampled mode an
 /// address whose low sixteen bits read 0x0000 or 0x0010, in exact mode every
 /// pointer) jumps to the slow path.
 #[cfg_attr(not(test), unsafe(no_mangle))]
@@ -275,10 +282,12 @@ unsafe fn calloc_slow(n: usize, size: usize, total: usize) -> *mut c_void {
 pub unsafe extern "C" fn free(p: *mut c_void) {
     core::arch::naked_asm!(
         "test qword ptr [rip + {mask}], rdi",
-        "jz 2f",
-        "jmp qword ptr [rip + {real}]",
-        "2:",
+        // jnz rel32 to the real free (patch.rs), as in `countdown_entry`.
+        ".byte 0x0f, 0x85",
+        ".long 3f - . - 4",
         "jmp {slow}",
+        "3:",
+        "jmp qword ptr [rip + {real}]",
         mask = sym HOT,
         real = sym real::FREE,
         slow = sym free_slow,
@@ -325,12 +334,14 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
         "jz 2f",
         "mov rax, qword ptr [rip + mtrace_rs_tls@GOTTPOFF]",
         "sub qword ptr fs:[rax], rsi",
-        "jbe 3f",
-        "jmp qword ptr [rip + {real}]",
-        "3:",
+        // ja rel32, as in `countdown_entry`.
+        ".byte 0x0f, 0x87",
+        ".long 3f - . - 4",
         "add qword ptr fs:[rax], rsi",
         "2:",
         "jmp {slow}",
+        "3:",
+        "jmp qword ptr [rip + {real}]",
         mask = sym HOT,
         real = sym real::REALLOC,
         slow = sym realloc_checked,

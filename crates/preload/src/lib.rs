@@ -19,6 +19,7 @@ pub mod api;
 pub mod config;
 pub mod jvmti;
 pub mod leakscan;
+pub mod patch;
 pub mod pool;
 pub mod real;
 pub mod ring;
@@ -71,6 +72,8 @@ extern "C" fn init() {
         unsafe { CONFIG = cfg };
         set_self_range();
         warn_if_shadowed();
+        // Before the writer thread exists: patching needs a single thread.
+        patch::apply();
         if !stacks::init() || (!cfg.exact() && !sampled::init()) {
             sys::warn(&[b"cannot reserve memory for the tracer's tables; tracing disabled"]);
             tracer::HOT.state.store(tracer::FINISHED, Release);
