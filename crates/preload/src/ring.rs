@@ -49,9 +49,10 @@ pub const CAP: usize = 1 << 15;
 /// went round once every half second or so on the churn and did not fit the
 /// core's second-level cache beside the program's data, so a push wrote a
 /// line fetched from memory; at 256 KiB it stays there. Same-core pairs
-/// (benches/pair.py --same-core) put the whole run's CPU time 0.35-0.45%
-/// lower with 2, 4 or 8 Ki slots than with 32 Ki. 8 Ki slots still hold
-/// more than 100 ms of the churn's sampled events.
+/// (benches/pair.py --same-core) put the whole run's CPU time 0.3-0.45%
+/// lower with 2, 4 or 8 Ki slots than with 32 Ki in variant builds, 0.15%
+/// for the build that made it per mode. 8 Ki slots still hold more than
+/// 100 ms of the churn's sampled events.
 pub const SAMPLED_CAP: usize = 1 << 13;
 
 /// The number of slots rings use, set once when tracing starts.
