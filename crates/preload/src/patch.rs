@@ -96,23 +96,9 @@ fn displacement(site: usize, target: usize) -> Option<i32> {
 /// Whether the process has one thread, by /proc/self/stat (field 20).
 fn single_threaded() -> bool {
     let mut buf = [0u8; 1024];
-    // SAFETY: a NUL-terminated path; `buf` is writable for its length.
-    let n = unsafe {
-        let fd = libc::open(
-            c"/proc/self/stat".as_ptr(),
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        );
-        if fd < 0 {
-            return false;
-        }
-        let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
-        libc::close(fd);
-        n
-    };
-    if n <= 0 {
+    let Some(text) = crate::sys::read_small(c"/proc/self/stat", &mut buf) else {
         return false;
-    }
-    let text = &buf[..n as usize];
+    };
     // The command name (field 2) may hold spaces and parentheses: the fields
     // after it start past the last ')'.
     let Some(close) = text.iter().rposition(|&b| b == b')') else {

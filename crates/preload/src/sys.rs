@@ -91,6 +91,24 @@ pub fn set_errno(v: i32) {
     unsafe { *libc::__errno_location() = v };
 }
 
+/// The start of a small file (a /proc one-liner) read into `buf` with raw
+/// system calls, no allocation: at most `buf.len()` bytes from one read.
+/// `None` when it cannot be opened or read.
+pub fn read_small<'b>(path: &core::ffi::CStr, buf: &'b mut [u8]) -> Option<&'b [u8]> {
+    // SAFETY: a NUL-terminated path; reads into `buf`, within its length;
+    // the descriptor is closed before returning.
+    let n = unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return None;
+        }
+        let n = libc::read(fd, buf.as_mut_ptr() as *mut c_void, buf.len());
+        libc::close(fd);
+        n
+    };
+    (n > 0).then(|| &buf[..n as usize])
+}
+
 /// Writes all of `bytes` to `fd`, retrying on EINTR and short writes.
 pub fn write_all(fd: i32, mut bytes: &[u8]) -> bool {
     while !bytes.is_empty() {

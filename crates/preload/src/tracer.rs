@@ -135,10 +135,11 @@ core::arch::global_asm!(
     ".globl mtrace_rs_tls",
     ".hidden mtrace_rs_tls",
     ".type mtrace_rs_tls, @object",
-    ".size mtrace_rs_tls, 320",
+    ".size mtrace_rs_tls, {bytes}",
     "mtrace_rs_tls:",
-    ".zero 320",
+    ".zero {bytes}",
     ".text",
+    bytes = const TLS_BYTES,
 );
 
 /// The handle to the calling thread's `Tls`, shaped like `LocalKey`.

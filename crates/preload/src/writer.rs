@@ -882,23 +882,7 @@ fn merge_into(out: &mut Vec<Event>, x: &[Event], y: &[Event]) {
 fn rss_bytes() -> Option<u64> {
     // /proc/self/statm: size resident shared text lib data dt, in pages.
     let mut b = [0u8; 128];
-    // SAFETY: a NUL-terminated path; reads into a local buffer.
-    let n = unsafe {
-        let fd = libc::open(
-            c"/proc/self/statm".as_ptr(),
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        );
-        if fd < 0 {
-            return None;
-        }
-        let n = libc::read(fd, b.as_mut_ptr() as *mut c_void, b.len());
-        libc::close(fd);
-        n
-    };
-    if n <= 0 {
-        return None;
-    }
-    let s = &b[..n as usize];
+    let s = sys::read_small(c"/proc/self/statm", &mut b)?;
     let field = s.split(|&c| c == b' ').nth(1)?;
     let pages = config::parse_u64(field)?;
     // SAFETY: sysconf has no preconditions.
