@@ -63,6 +63,30 @@ def log(msg):
 # ---------------------------------------------------------------- running
 
 
+def tree_rss_kb(pid):
+    """Sum of RSS over a process and its descendants (kB), found through
+    /proc/PID/task/TID/children rather than a scan of all of /proc: the
+    watchdog calls this twice a second while a timed run is on the two
+    cores, and the scan took 1.4 ms of the harness's CPU a call (a run of
+    1.49 s got two calls and one of 1.51 s three). Falls back to the scan
+    where the kernel has no children files."""
+    page_kb = os.sysconf("SC_PAGE_SIZE") // 1024
+    if not os.path.exists("/proc/%d/task/%d/children" % (os.getpid(), os.getpid())):
+        return group_rss_kb(pid)
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open("/proc/%d/statm" % p) as f:
+                total += int(f.read().split()[1]) * page_kb
+            for tid in os.listdir("/proc/%d/task" % p):
+                with open("/proc/%d/task/%s/children" % (p, tid)) as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 def group_rss_kb(pgid):
     """Sum of VmRSS over the processes of one process group (kB)."""
     total = 0
@@ -108,7 +132,7 @@ def run(cmd, env_extra, timeout, mem_cap_kb, log_path, cwd=None, stdout_path=Non
                 reason = None
                 if elapsed > timeout:
                     reason = "timeout after %.0f s" % timeout
-                elif mem_cap_kb and group_rss_kb(proc.pid) > mem_cap_kb:
+                elif mem_cap_kb and tree_rss_kb(proc.pid) > mem_cap_kb:
                     reason = "killed above %.0f GB RSS" % (mem_cap_kb / 1048576)
                 if reason:
                     killed.append(reason)
