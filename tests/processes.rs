@@ -129,3 +129,37 @@ fn threads_that_exit_before_main_still_have_their_leaks_reported() {
         report.dropped()
     );
 }
+
+/// A daemon-like program closes every descriptor, then puts a file of its
+/// own on every number the trace file may have had: the tracer writes
+/// nothing into the program's file (it checks that its descriptor is still
+/// the trace file before each write, and falls back to its mapping of the
+/// file), and the leaks from before and after the closing are both in the
+/// trace.
+#[test]
+fn a_program_that_closes_every_descriptor_keeps_its_file_and_its_trace() {
+    let scratch = Scratch::new("close-fds");
+    let exe = compile("tests/programs/close_fds.c", scratch.path());
+    let own = scratch.path().join("own.txt");
+    let tracer = Tracer::exact(&scratch.dir("traces"));
+    let out = tracer.run(Command::new(&exe).arg(&own));
+    assert!(out.status.success(), "{out:?}");
+    let text = stdout(&out);
+    assert!(text.contains("own file intact"), "{text}");
+    assert_eq!(std::fs::metadata(&own).unwrap().len(), 65536);
+
+    let report = mtrace_rs_tests::analyze(&tracer.only_trace());
+    let summary = report.summary();
+    assert_eq!(
+        report.held_by("leak_before_closing"),
+        (5000, 10),
+        "{summary}"
+    );
+    assert_eq!(
+        report.held_by("leak_after_closing"),
+        (100_000, 100),
+        "{summary}"
+    );
+    assert_eq!(report.dropped(), 0, "{summary}");
+    assert_eq!(report.ending(), "clean", "{summary}");
+}

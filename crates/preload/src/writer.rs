@@ -20,7 +20,15 @@
 //! 10 us each, 100 us of a writer cycle that encodes 40 kB on the sampled
 //! churn benchmark and a third of the writer thread's time; `pwrite` puts
 //! the same bytes in the same page cache in one call. The mapping stays for
-//! the header and for the exit leak scan, which reads the records back.
+//! the header, for the exit leak scan, which reads the records back, and
+//! for the records themselves once the descriptor is no longer ours: a
+//! program may close every descriptor (daemons do, and so does a fork child
+//! before it execs), and another file may then get its number. Each append
+//! checks the descriptor's device and inode first and copies into the
+//! mapping when they are not the trace file's. The trace file's descriptor
+//! is moved to a number of at least `HIGH_FD` where the limit allows, out
+//! of the way of the program's own, which also leaves the numbers the
+//! program's opens return as they would be untraced.
 
 use core::ffi::{c_int, c_void};
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering::*};
@@ -43,6 +51,9 @@ struct Writer {
     map_len: usize,
     /// Bytes of the record stream written so far.
     pos: usize,
+    /// File offset up to which pages written through the mapping were
+    /// released (the header page stays mapped).
+    released: usize,
     enc: Encoder,
     buf: Vec<u8>,
     events: Vec<Event>,
@@ -152,6 +163,7 @@ pub fn start(cfg: &Config, ppid: u32, forked: bool) -> bool {
         map: core::ptr::null_mut(),
         map_len: 0,
         pos: 0,
+        released: HEADER_SIZE,
         enc: Encoder::new(),
         buf: Vec::with_capacity(1 << 20),
         events: Vec::with_capacity(1 << 16),
@@ -215,7 +227,7 @@ fn create_file(cfg: &Config, pid: u32) -> Option<(c_int, StackBuf<{ config::MAX_
             )
         };
         if fd >= 0 {
-            return Some((fd, path));
+            return Some((move_high(fd), path));
         }
         if sys::errno() != libc::EEXIST {
             warn_path(b"cannot create trace file ", path.as_bytes());
@@ -224,6 +236,24 @@ fn create_file(cfg: &Config, pid: u32) -> Option<(c_int, StackBuf<{ config::MAX_
     }
     sys::warn(&[b"no free trace file name after 1000 attempts; tracing disabled"]);
     None
+}
+
+/// The lowest number the trace file's descriptor is moved to (see the
+/// module's docs).
+const HIGH_FD: c_int = 512;
+
+/// `fd` moved to a number of at least `HIGH_FD`, or left as it is when the
+/// descriptor limit is lower.
+fn move_high(fd: c_int) -> c_int {
+    // SAFETY: duplicating and closing our own descriptor.
+    unsafe {
+        let high = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, HIGH_FD);
+        if high < 0 {
+            return fd;
+        }
+        libc::close(fd);
+        high
+    }
 }
 
 fn spawn_thread() -> bool {
@@ -458,15 +488,40 @@ impl Writer {
             self.broken = true;
             return false;
         }
-        if !self.write_at(bytes, HEADER_SIZE + self.pos) {
-            sys::warn(&[b"writing the trace file failed; later events are counted as dropped"]);
-            self.broken = true;
-            return false;
+        let off = HEADER_SIZE + self.pos;
+        if file_ident(self.fd) != Some(self.ident) || !self.write_at(bytes, off) {
+            // SAFETY: `reserve` made [off, off + len) part of the mapping.
+            unsafe {
+                core::ptr::copy_nonoverlapping(bytes.as_ptr(), self.map.add(off), bytes.len());
+            }
+            self.release_written_pages(off + bytes.len());
         }
         self.pos += bytes.len();
         self.header_u64(fmt::COMMITTED_OFFSET)
             .store(self.pos as u64, Release);
         true
+    }
+
+    /// Takes pages written through the mapping, up to file offset `end`,
+    /// out of our page tables. They stay in the page cache (and reach the
+    /// disk) as before, but no longer count in the traced process's RSS.
+    fn release_written_pages(&mut self, end: usize) {
+        const CHUNK: usize = 4 << 20;
+        let end = end & !(4096 - 1);
+        if end < self.released + CHUNK {
+            return;
+        }
+        // SAFETY: [released, end) is inside our shared file mapping and holds
+        // only whole records already written; MADV_DONTNEED on a shared
+        // mapping drops our mapping of the pages, not their contents.
+        unsafe {
+            libc::madvise(
+                self.map.add(self.released) as *mut c_void,
+                end - self.released,
+                libc::MADV_DONTNEED,
+            );
+        }
+        self.released = end;
     }
 
     /// Writes all of `bytes` at file offset `off` (inside the reserved
