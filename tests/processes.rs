@@ -130,19 +130,22 @@ fn threads_that_exit_before_main_still_have_their_leaks_reported() {
     );
 }
 
-/// A daemon-like program closes every descriptor, then puts a file of its
-/// own on every number the trace file may have had: the tracer writes
+/// A daemon-like program changes directory, closes every descriptor, then
+/// puts a file of its own on every number the trace file may have had, and
+/// goes on allocating past the room the trace file had: the tracer writes
 /// nothing into the program's file (it checks that its descriptor is still
-/// the trace file before each write, and falls back to its mapping of the
-/// file), and the leaks from before and after the closing are both in the
-/// trace.
+/// the trace file before each write) and opens its file again by its path
+/// (a relative one here, made absolute when the file was created), so the
+/// leaks from before and after the closing are both in the trace and
+/// nothing is dropped.
 #[test]
 fn a_program_that_closes_every_descriptor_keeps_its_file_and_its_trace() {
     let scratch = Scratch::new("close-fds");
     let exe = compile("tests/programs/close_fds.c", scratch.path());
     let own = scratch.path().join("own.txt");
-    let tracer = Tracer::exact(&scratch.dir("traces"));
-    let out = tracer.run(Command::new(&exe).arg(&own));
+    let traces = scratch.dir("traces");
+    let tracer = Tracer::exact(&traces).env("MTRACE_RS_OUT", "trace.%p.bin");
+    let out = tracer.run(Command::new(&exe).arg(&own).current_dir(&traces));
     assert!(out.status.success(), "{out:?}");
     let text = stdout(&out);
     assert!(text.contains("own file intact"), "{text}");

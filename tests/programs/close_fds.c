@@ -1,11 +1,12 @@
-/* A daemon-like program that closes every descriptor it did not open, then
- * opens a file of its own and puts it on every free descriptor number from 3
- * to 1023 (as a program that opens many files, or dup2s onto fixed numbers,
- * might): whatever number the tracer's trace file had now names the
- * program's file. It allocates and frees for a while (the tracer's writer
- * appends all along), leaks at two known call sites, one before and one
- * after the closing, and finally checks that its file still holds exactly
- * what it wrote.
+/* A daemon-like program that changes to / and closes every descriptor it
+ * did not open, then opens a file of its own and puts it on every free
+ * descriptor number from 3 to 599 (as a program that opens many files, or
+ * dup2s onto fixed numbers, might): whatever number the tracer's trace file
+ * had now names the program's file. It allocates and frees for a while, more
+ * than the trace file had room for (the tracer's writer appends all along
+ * and must grow the file), leaks at two known call sites, one before and
+ * one after the closing, and finally checks that its file still holds
+ * exactly what it wrote.
  *
  *     close_fds OWN_FILE
  *
@@ -63,11 +64,21 @@ int main(int argc, char **argv) {
     churn(2000);
     pause_ms(50);
 
-    /* What a daemon does: every descriptor but the standard three goes. */
+    /* What a daemon does: away from the directory it started in, and every
+     * descriptor but the standard three goes. The file's path is taken
+     * before, as the directory may be the trace's. */
+    char own[4096];
+    if (!realpath(argv[1], own) && strlen(argv[1]) < sizeof own) {
+        strcpy(own, argv[1]);
+    }
+    if (chdir("/") != 0) {
+        perror("chdir");
+        return 1;
+    }
     if (close_range(3, ~0U, 0) != 0) {
         for (int n = 3; n < 1024; n++) close(n);
     }
-    int fd = open(argv[1], O_RDWR | O_CREAT | O_TRUNC, 0644);
+    int fd = open(own, O_RDWR | O_CREAT | O_TRUNC, 0644);
     if (fd < 0) {
         perror("open");
         return 1;
@@ -78,12 +89,14 @@ int main(int argc, char **argv) {
         perror("write");
         return 1;
     }
-    for (int n = 3; n < 1024; n++) {
+    for (int n = 3; n < 600; n++) {
         if (n != fd) dup2(fd, n);
     }
 
+    /* 300,000 events in exact mode, about 2 MB: past the first megabyte
+     * the trace file had room for. */
     for (int round = 0; round < 5; round++) {
-        churn(4000);
+        churn(30000);
         pause_ms(30);
     }
     leak_after_closing();

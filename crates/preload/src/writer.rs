@@ -21,11 +21,13 @@
 //! churn benchmark and a third of the writer thread's time; `pwrite` puts
 //! the same bytes in the same page cache in one call. The mapping stays for
 //! the header, for the exit leak scan, which reads the records back, and
-//! for the records themselves once the descriptor is no longer ours: a
+//! for the records themselves when the descriptor is no longer ours: a
 //! program may close every descriptor (daemons do, and so does a fork child
 //! before it execs), and another file may then get its number. Each append
-//! checks the descriptor's device and inode first and copies into the
-//! mapping when they are not the trace file's. The trace file's descriptor
+//! checks the descriptor's device and inode first; when they are not the
+//! trace file's, the file is opened again by its absolute path (and kept if
+//! it is the same file), and failing that the records are copied into the
+//! mapping, as far as the space already reserved goes. The trace file's descriptor
 //! is moved to a number of at least `HIGH_FD` where the limit allows, out
 //! of the way of the program's own, which also leaves the numbers the
 //! program's opens return as they would be untraced.
@@ -46,6 +48,9 @@ struct Writer {
     /// descriptor (daemons do) may get our number back for a file of its own,
     /// which we must never grow or truncate.
     ident: (u64, u64),
+    /// The trace file's absolute path, to open it again if the program
+    /// closes our descriptor; `None` once that failed.
+    path: Option<std::ffi::CString>,
     map: *mut u8,
     /// Bytes of the file that are mapped (and reserved on disk).
     map_len: usize,
@@ -160,6 +165,7 @@ pub fn start(cfg: &Config, ppid: u32, forked: bool) -> bool {
     let mut w = Box::new(Writer {
         fd,
         ident: file_ident(fd).unwrap_or((0, 0)),
+        path: absolute(path.as_bytes()),
         map: core::ptr::null_mut(),
         map_len: 0,
         pos: 0,
@@ -236,6 +242,19 @@ fn create_file(cfg: &Config, pid: u32) -> Option<(c_int, StackBuf<{ config::MAX_
     }
     sys::warn(&[b"no free trace file name after 1000 attempts; tracing disabled"]);
     None
+}
+
+/// `path` made absolute against the current directory (a daemon changes
+/// directory before it closes its descriptors).
+fn absolute(path: &[u8]) -> Option<std::ffi::CString> {
+    let mut full = Vec::new();
+    if path.first() != Some(&b'/') {
+        let cwd = std::env::current_dir().ok()?;
+        full.extend_from_slice(std::os::unix::ffi::OsStrExt::as_bytes(cwd.as_os_str()));
+        full.push(b'/');
+    }
+    full.extend_from_slice(path);
+    std::ffi::CString::new(full).ok()
 }
 
 /// The lowest number the trace file's descriptor is moved to (see the
@@ -430,7 +449,7 @@ impl Writer {
         while len < need {
             len = len.saturating_mul(2).min(len + (256 << 20));
         }
-        if file_ident(self.fd) != Some(self.ident) {
+        if !self.ensure_fd() {
             return false;
         }
         // SAFETY: fd is our open file; the mapping calls replace only our own
@@ -489,7 +508,7 @@ impl Writer {
             return false;
         }
         let off = HEADER_SIZE + self.pos;
-        if file_ident(self.fd) != Some(self.ident) || !self.write_at(bytes, off) {
+        if !self.ensure_fd() || !self.write_at(bytes, off) {
             // SAFETY: `reserve` made [off, off + len) part of the mapping.
             unsafe {
                 core::ptr::copy_nonoverlapping(bytes.as_ptr(), self.map.add(off), bytes.len());
@@ -522,6 +541,38 @@ impl Writer {
             );
         }
         self.released = end;
+    }
+
+    /// Whether `fd` is the trace file. When the program closed it (or put
+    /// another file on its number), the file is opened again by its path
+    /// and kept if it is the same file, by device and inode; once that
+    /// fails it is not tried again.
+    fn ensure_fd(&mut self) -> bool {
+        if file_ident(self.fd) == Some(self.ident) {
+            return true;
+        }
+        let Some(path) = self.path.take() else {
+            return false;
+        };
+        // SAFETY: a NUL-terminated path; the descriptor is ours if it opens.
+        let fd = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDWR | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return false;
+        }
+        if file_ident(fd) != Some(self.ident) {
+            // SAFETY: the descriptor just opened.
+            unsafe { libc::close(fd) };
+            return false;
+        }
+        // The old number is the program's now: not closed.
+        self.fd = move_high(fd);
+        self.path = Some(path);
+        true
     }
 
     /// Writes all of `bytes` at file offset `off` (inside the reserved
@@ -619,7 +670,7 @@ impl Writer {
         if self.map.is_null() {
             return;
         }
-        let ours = file_ident(self.fd) == Some(self.ident);
+        let ours = self.ensure_fd();
         // SAFETY: our mapping and descriptor; the mapping is dropped before
         // the file shrinks, so no page beyond the end stays mapped.
         unsafe {
@@ -640,7 +691,7 @@ impl Writer {
             let flags = self.header_u64(fmt::FLAGS_OFFSET);
             flags.fetch_or(fmt::FLAG_CLEAN_END as u64, Release);
         }
-        let ours = file_ident(self.fd) == Some(self.ident);
+        let ours = self.ensure_fd();
         // SAFETY: our mapping and, if it is still ours, our descriptor;
         // nothing uses them afterwards.
         unsafe {
