@@ -65,12 +65,15 @@ int main(int argc, char **argv) {
     pause_ms(50);
 
     /* What a daemon does: away from the directory it started in, and every
-     * descriptor but the standard three goes. The file's path is taken
-     * before, as the directory may be the trace's. */
-    char own[4096];
-    if (!realpath(argv[1], own) && strlen(argv[1]) < sizeof own) {
-        strcpy(own, argv[1]);
+     * descriptor but the standard three goes. (Its own file's path is made
+     * absolute first.) */
+    char own[8192] = "";
+    if (argv[1][0] != '/' && !getcwd(own, 4096)) {
+        perror("getcwd");
+        return 1;
     }
+    if (argv[1][0] != '/') strcat(own, "/");
+    strncat(own, argv[1], 4000);
     if (chdir("/") != 0) {
         perror("chdir");
         return 1;

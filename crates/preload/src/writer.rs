@@ -27,10 +27,10 @@
 //! checks the descriptor's device and inode first; when they are not the
 //! trace file's, the file is opened again by its absolute path (and kept if
 //! it is the same file), and failing that the records are copied into the
-//! mapping, as far as the space already reserved goes. The trace file's descriptor
-//! is moved to a number of at least `HIGH_FD` where the limit allows, out
-//! of the way of the program's own, which also leaves the numbers the
-//! program's opens return as they would be untraced.
+//! mapping, as far as the space already reserved goes. The trace file's
+//! descriptor is moved to a number of at least `HIGH_FD` where the limit
+//! allows, out of the way of the program's own, which also leaves the
+//! numbers the program's opens return as they would be untraced.
 
 use core::ffi::{c_int, c_void};
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering::*};
