@@ -806,11 +806,10 @@ def targets(rep):
         fl = churn.get("floor", {})
         floor = "; floor %.3fx" % fl["ratio_median"] if "ratio_median" in fl else ""
         ci = s.get("ratio_median_ci95")
-        ci = ", 95%% CI %.3f-%.3fx" % tuple(ci) if ci else ""
+        ci = "95%% CI %.3f-%.3fx; " % tuple(ci) if ci else ""
         out.append(("sampled churn wall vs bare (median of rounds)", "<= 1.03x",
-                    "%.3fx (%sbest of N %.3fx%s%s)" % (s["ratio_median"], ci.lstrip(", ") + "; "
-                                                      if ci else "", s["ratio_best"], cpu,
-                                                      floor),
+                    "%.3fx (%sbest of N %.3fx%s%s)" % (s["ratio_median"], ci, s["ratio_best"],
+                                                      cpu, floor),
                     s["ratio_median"] <= 1.03))
     cg = rep["callgrind"]
     if "ir_per_pair_main_thread" in cg.get("sampled", {}) and \
