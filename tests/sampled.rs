@@ -79,3 +79,71 @@ fn four_one_mib_leaks_at_the_default_rate_are_exact_not_estimated() {
     assert_eq!(report.held_by("churn_big"), (0, 0), "{summary}");
     assert_eq!(report.held_by("churn_small"), (0, 0), "{summary}");
 }
+
+/// detour.rs: in sampled mode under a glibc whose free starts as expected,
+/// glibc's own free tests for sampled blocks and the program's PLT calls go
+/// straight to it. Whichever way a free arrives (the PLT, a pointer to free
+/// taken at run time, which reaches our hook), and whatever it frees (a
+/// sampled block, a 64 KiB-aligned ordinary block that the test sends to
+/// the slow path, NULL), the trace must come out exact; and with
+/// MTRACE_RS_DETOUR=0, or in exact mode, glibc's code is left alone.
+#[test]
+fn glibc_free_rewritten_for_sampled_mode_frees_every_way_and_traces_exactly() {
+    let scratch = Scratch::new("detour");
+    let exe = compile("tests/programs/detour.c", scratch.path());
+    let bare = mtrace_rs_tests::run_bare(&mut Command::new(&exe));
+    assert!(bare.status.success(), "{bare:?}");
+    let bare_text = stdout(&bare);
+    let entry = |text: &str| text.lines().next().unwrap_or("").to_string();
+    // The shape detour.rs looks for: a call, a 7-byte nop, then
+    // `test %rdi,%rdi; je rel32` at glibc's free.
+    let bare_entry = entry(&bare_text);
+    let b: Vec<&str> = bare_entry.split(' ').skip(1).collect();
+    let expected_shape = b.len() == 21
+        && b[0] == "e8"
+        && b[5..12] == ["0f", "1f", "80", "00", "00", "00", "00"]
+        && b[12..17] == ["48", "85", "ff", "0f", "84"];
+    for (name, tracer, rewritten) in [
+        (
+            "default",
+            Tracer::default_rate(&scratch.dir("default")),
+            expected_shape,
+        ),
+        (
+            "detour off",
+            Tracer::default_rate(&scratch.dir("off")).env("MTRACE_RS_DETOUR", "0"),
+            false,
+        ),
+        ("exact", Tracer::exact(&scratch.dir("exact")), false),
+    ] {
+        let out = tracer.run(&mut Command::new(&exe));
+        assert!(out.status.success(), "{name}: {out:?}");
+        let text = stdout(&out);
+        assert!(text.ends_with("aligned 200\n"), "{name}: {text}");
+        let e = entry(&text);
+        if rewritten {
+            assert!(
+                e.ends_with(" 66 f7 c7 ef ff 74 f2 66 90"),
+                "{name}: glibc's free not rewritten: {e}"
+            );
+        } else {
+            assert_eq!(e, bare_entry, "{name}: glibc's free changed");
+        }
+        let report = mtrace_rs_tests::analyze(&tracer.only_trace());
+        let summary = report.summary();
+        assert_eq!(report.ending(), "clean", "{name}: {summary}");
+        assert_eq!(
+            report.held_by("leak_big"),
+            (3 << 20, 3),
+            "{name}: {summary}"
+        );
+        for site in [
+            "churn_big",
+            "churn_big_pointer",
+            "churn_aligned",
+            "churn_small",
+        ] {
+            assert_eq!(report.held_by(site), (0, 0), "{name}: {site}: {summary}");
+        }
+    }
+}

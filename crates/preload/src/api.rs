@@ -294,9 +294,15 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
     )
 }
 
+/// Also where glibc's own free jumps for NULL and the candidates once it
+/// tests them itself (detour.rs): `real::FREE` then lies past that test,
+/// and must not see NULL.
 #[cold]
 #[inline(never)]
-unsafe extern "C" fn free_slow(p: *mut c_void) {
+pub(crate) unsafe extern "C" fn free_slow(p: *mut c_void) {
+    if p.is_null() {
+        return;
+    }
     let sampled_chunk = TLS.with(|t| match tracer::free_kind(t, p) {
         FreeKind::Plain => None,
         FreeKind::Recorded => {

@@ -49,6 +49,8 @@ pub struct Config {
     pub leak_scan: bool,
     /// Record the program's anonymous mmap/munmap/mremap.
     pub mmap: bool,
+    /// Let glibc's free tell sampled blocks apart itself (detour.rs).
+    pub detour: bool,
 }
 
 pub const DEFAULT_SAMPLE_BYTES: u64 = 512 * 1024;
@@ -80,6 +82,7 @@ impl Config {
             unwind: Unwind::Dwarf,
             leak_scan: false,
             mmap: false,
+            detour: true,
         }
     }
 
@@ -200,6 +203,16 @@ impl Config {
                 }
             }
         }
+        if let Some(v) = getenv(b"MTRACE_RS_DETOUR\0") {
+            match v {
+                b"1" => c.detour = true,
+                b"0" => c.detour = false,
+                _ => {
+                    bad(b"MTRACE_RS_DETOUR", v, b"expected 0 or 1");
+                    ok = false;
+                }
+            }
+        }
         if !flush_set && c.exact() {
             c.flush_ms = FLUSH_MS_EXACT;
         }
@@ -209,8 +222,9 @@ impl Config {
 }
 
 /// Every variable we read, for the typo check.
-const KNOWN: [&[u8]; 10] = [
+const KNOWN: [&[u8]; 11] = [
     b"MTRACE_RS_MMAP",
+    b"MTRACE_RS_DETOUR",
     b"MTRACE_RS_LEAK_SCAN",
     b"MTRACE_RS_OUT",
     b"MTRACE_RS_SAMPLE_BYTES",

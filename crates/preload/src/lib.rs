@@ -17,6 +17,7 @@
 
 pub mod api;
 pub mod config;
+pub mod detour;
 pub mod jvmti;
 pub mod leakscan;
 pub mod patch;
@@ -73,6 +74,9 @@ extern "C" fn init() {
         set_self_range();
         warn_if_shadowed();
         // Before the writer thread exists: patching needs a single thread.
+        if cfg.detour && !cfg.exact() && real::next_is_glibc() && patch::single_threaded() {
+            detour::free();
+        }
         patch::apply();
         if !stacks::init() || (!cfg.exact() && !sampled::init()) {
             sys::warn(&[b"cannot reserve memory for the tracer's tables; tracing disabled"]);

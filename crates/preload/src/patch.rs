@@ -94,7 +94,7 @@ fn displacement(site: usize, target: usize) -> Option<i32> {
 }
 
 /// Whether the process has one thread, by /proc/self/stat (field 20).
-fn single_threaded() -> bool {
+pub fn single_threaded() -> bool {
     let mut buf = [0u8; 1024];
     let Some(text) = crate::sys::read_small(c"/proc/self/stat", &mut buf) else {
         return false;

@@ -1,0 +1,389 @@
+//! Sampled mode under glibc: glibc's own `free` tells the candidates for a
+//! sampled block apart, and the program calls it directly.
+//!
+//! Interposition has a price of its own, whatever the hook does: each call
+//! takes one more jump, into the preloaded object and on to glibc. Same-core
+//! pairs of the 1-thread churn (benches/pair.py) put it at 0.6-0.7% of the
+//! run's CPU time for a forwarder that does nothing else, a third of it
+//! free's (the churn frees a block in 83 iterations of 100). free's whole
+//! job in sampled mode is one test of the pointer, and glibc's free starts
+//! with a test of the pointer too (`if (mem == 0) return;`), so the two can
+//! be one: where glibc's first bytes are the shape we know, they are
+//! rewritten from
+//!
+//! ```text
+//!     test %rdi,%rdi ; je <ret>           48 85 ff  0f 84 rel32
+//! ```
+//!
+//! to
+//!
+//! ```text
+//!     test $0xffef,%di ; je <pad> ; nop   66 f7 c7 ef ff  74 f2  66 90
+//! ```
+//!
+//! where `<pad>`, the seven bytes of padding just before the function
+//! (after a call to glibc's assertion handler, which does not return),
+//! becomes `jmp rel32` to `api::free_slow`. The test is the free hook's
+//! (`sampled::CANDIDATE_MASK`): NULL and the candidates (an ordinary block
+//! once in 2048) go to the slow path, which returns for NULL and forwards an
+//! ordinary block past the test (`real::FREE` then holds the instruction
+//! after it); everything else runs glibc's free as before, with no
+//! instruction more. Then the program's PLT slots for `free`, in every
+//! object loaded at start-up, are pointed at glibc's free instead of our
+//! hook. The hook stays, and stays right, for whatever still reaches it
+//! (objects loaded later, function pointers taken earlier): its test is the
+//! same, and it jumps past glibc's.
+//!
+//! Nothing is rewritten unless every condition holds: sampled mode (exact
+//! mode sees every free), glibc is the next allocator and the program's
+//! `free` is ours, one thread, the bytes are what we expect (glibc 2.36 as
+//! Debian 12 builds it), the jump reaches, the system lets us write the code
+//! (W^X policies may not), and `MTRACE_RS_DETOUR` is not 0. Otherwise the
+//! interposed hook does the work, as everywhere else.
+
+use core::sync::atomic::Ordering::*;
+
+use crate::{api, real, sampled};
+
+/// The test's immediate is the free hook's mask, as a 16-bit operand.
+const _: () = assert!(sampled::CANDIDATE_MASK == 0xffef);
+
+/// glibc's free: `test %rdi,%rdi; je rel32` (its NULL check), preceded by
+/// `call rel32` (the assertion handler of the function before it) and a
+/// 7-byte `nopl 0x0(%rax)` of padding. `None` in the pattern: any byte.
+const FREE_BEFORE: [Option<u8>; 21] = [
+    Some(0xe8),
+    None,
+    None,
+    None,
+    None,
+    Some(0x0f),
+    Some(0x1f),
+    Some(0x80),
+    Some(0x00),
+    Some(0x00),
+    Some(0x00),
+    Some(0x00),
+    Some(0x48),
+    Some(0x85),
+    Some(0xff),
+    Some(0x0f),
+    Some(0x84),
+    None,
+    None,
+    None,
+    None,
+];
+/// Where glibc's entry is in `FREE_BEFORE`.
+const FREE_AT: usize = 12;
+/// The bytes of the new test at the entry (9, as many as it replaces):
+/// `test $0xffef,%di; je -14; xchg %ax,%ax`.
+const FREE_TEST: [u8; 9] = [0x66, 0xf7, 0xc7, 0xef, 0xff, 0x74, 0xf2, 0x66, 0x90];
+
+fn matches(code: &[u8], pattern: &[Option<u8>]) -> bool {
+    code.len() == pattern.len()
+        && code
+            .iter()
+            .zip(pattern)
+            .all(|(b, p)| p.is_none_or(|p| *b == p))
+}
+
+/// The executable segment of a loaded object holding `addr`, as
+/// `(start, end)`.
+fn exec_segment(addr: usize) -> Option<(usize, usize)> {
+    struct Find {
+        addr: usize,
+        found: Option<(usize, usize)>,
+    }
+    unsafe extern "C" fn cb(
+        info: *mut libc::dl_phdr_info,
+        _: usize,
+        data: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: valid for the call; `data` is the Find below.
+        let (info, f) = unsafe { (&*info, &mut *(data as *mut Find)) };
+        for i in 0..info.dlpi_phnum as usize {
+            // SAFETY: dlpi_phdr has dlpi_phnum entries.
+            let ph = unsafe { &*info.dlpi_phdr.add(i) };
+            if ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_X != 0 {
+                let s = (info.dlpi_addr + ph.p_vaddr) as usize;
+                let e = s + ph.p_memsz as usize;
+                if f.addr >= s && f.addr < e {
+                    f.found = Some((s, e));
+                    return 1;
+                }
+            }
+        }
+        0
+    }
+    let mut f = Find { addr, found: None };
+    // SAFETY: the callback only reads the headers it is given.
+    unsafe { libc::dl_iterate_phdr(Some(cb), (&raw mut f).cast()) };
+    f.found
+}
+
+/// Writes `bytes` at each `(address, bytes)` in `code`, executable code of
+/// a loaded object, by making its pages writable for the while.
+///
+/// # Safety
+/// One thread; no other thread may run the bytes changed.
+unsafe fn write_code(edits: &[(usize, &[u8])]) -> bool {
+    let page = sampled::PAGE;
+    let lo = edits.iter().map(|e| e.0).min().unwrap_or(0) & !(page - 1);
+    let hi = edits
+        .iter()
+        .map(|e| e.0 + e.1.len())
+        .max()
+        .unwrap_or(0)
+        .next_multiple_of(page);
+    let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
+    // SAFETY: pages of a loaded object's text, made writable and put back
+    // to read and execute.
+    unsafe {
+        if libc::mprotect(lo as *mut libc::c_void, hi - lo, rwx) != 0 {
+            return false;
+        }
+        for &(at, bytes) in edits {
+            for (i, b) in bytes.iter().enumerate() {
+                core::ptr::write_volatile((at + i) as *mut u8, *b);
+            }
+        }
+        libc::mprotect(
+            lo as *mut libc::c_void,
+            hi - lo,
+            libc::PROT_READ | libc::PROT_EXEC,
+        );
+    }
+    true
+}
+
+/// Rewrites glibc's free as above; true if it did. The caller checks the
+/// mode, the allocator and the thread count.
+pub fn free() -> bool {
+    let hook = api::free as *const () as usize;
+    // SAFETY: dlsym with a NUL-terminated name.
+    let bound = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"free".as_ptr()) } as usize;
+    if bound != hook {
+        // The program's free is not ours (another allocator ahead of us, or
+        // an executable that takes free's address): leave it all alone.
+        return false;
+    }
+    let entry = real::FREE.load(Acquire) as usize;
+    let start = entry.wrapping_sub(FREE_AT);
+    let Some((lo, hi)) = exec_segment(entry) else {
+        return false;
+    };
+    if start < lo || entry + 16 > hi {
+        return false;
+    }
+    // SAFETY: inside the executable segment, checked just above.
+    let code = unsafe { core::slice::from_raw_parts(start as *const u8, FREE_BEFORE.len()) };
+    if !matches(code, &FREE_BEFORE) {
+        return false;
+    }
+    // The NULL check's target must be a bare `ret`: NULL then costs the
+    // slow path nothing it would not have done.
+    let rel = i32::from_le_bytes([code[17], code[18], code[19], code[20]]);
+    let ret = (entry + 9).wrapping_add(rel as isize as usize);
+    // SAFETY: glibc's code, in its segment.
+    if ret < lo || ret >= hi || unsafe { *(ret as *const u8) } != 0xc3 {
+        return false;
+    }
+    let pad = entry - 7;
+    let slow = api::free_slow as *const () as usize;
+    let Ok(d) = i32::try_from((slow as i64).wrapping_sub(pad as i64 + 5)) else {
+        return false;
+    };
+    let mut jump = [0xe9, 0, 0, 0, 0, 0xcc, 0xcc];
+    jump[1..5].copy_from_slice(&d.to_le_bytes());
+    // SAFETY: one thread (the caller's check); the padding is not run, and
+    // nothing runs glibc's free while it changes.
+    if !unsafe { write_code(&[(pad, &jump), (entry, &FREE_TEST)]) } {
+        return false;
+    }
+    real::FREE.store((entry + FREE_TEST.len()) as *mut (), Release);
+    rebind(b"free", hook, entry);
+    true
+}
+
+#[repr(C)]
+struct Dyn {
+    tag: i64,
+    val: u64,
+}
+
+#[repr(C)]
+struct Rela {
+    offset: u64,
+    info: u64,
+    addend: i64,
+}
+
+#[repr(C)]
+struct Sym {
+    name: u32,
+    info: u8,
+    other: u8,
+    shndx: u16,
+    value: u64,
+    size: u64,
+}
+
+const DT_NULL: i64 = 0;
+const DT_PLTRELSZ: i64 = 2;
+const DT_STRTAB: i64 = 5;
+const DT_SYMTAB: i64 = 6;
+const DT_JMPREL: i64 = 23;
+const R_X86_64_JUMP_SLOT: u32 = 7;
+
+/// Points every object's PLT slot for `name` at `to`, where it holds `hook`
+/// (bound to us already) or an address inside the object itself (not bound
+/// yet: lazy binding would bind it to us). Objects loaded later keep
+/// binding to the hook. Returns the number of slots rewritten.
+fn rebind(name: &'static [u8], hook: usize, to: usize) -> usize {
+    struct Job {
+        name: &'static [u8],
+        hook: usize,
+        to: usize,
+        me: usize,
+        done: usize,
+    }
+    unsafe extern "C" fn cb(
+        info: *mut libc::dl_phdr_info,
+        _: usize,
+        data: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: valid for the call; `data` is the Job below.
+        let (info, job) = unsafe { (&*info, &mut *(data as *mut Job)) };
+        // SAFETY: the object's headers, as the loader gives them.
+        job.done += unsafe { rebind_in(info, job) };
+        0
+    }
+    /// # Safety
+    /// `info` describes a loaded object.
+    unsafe fn rebind_in(info: &libc::dl_phdr_info, job: &Job) -> usize {
+        let base = info.dlpi_addr as usize;
+        let (mut lo, mut hi) = (usize::MAX, 0usize);
+        let mut dynamic = 0usize;
+        let mut relro = (0usize, 0usize);
+        for i in 0..info.dlpi_phnum as usize {
+            // SAFETY: dlpi_phdr has dlpi_phnum entries.
+            let ph = unsafe { &*info.dlpi_phdr.add(i) };
+            let s = base + ph.p_vaddr as usize;
+            match ph.p_type {
+                libc::PT_LOAD => {
+                    lo = lo.min(s);
+                    hi = hi.max(s + ph.p_memsz as usize);
+                }
+                libc::PT_DYNAMIC => dynamic = s,
+                libc::PT_GNU_RELRO => relro = (s, s + ph.p_memsz as usize),
+                _ => {}
+            }
+        }
+        // Not our own object (its slots reach the hook by design), nor one
+        // without dynamic linking.
+        if dynamic == 0 || (job.me >= lo && job.me < hi) {
+            return 0;
+        }
+        // The loader has relocated the pointers in the dynamic section on
+        // x86-64; an offset below the base is taken as not relocated.
+        let at = |v: u64| {
+            let v = v as usize;
+            if v < base {
+                base + v
+            } else {
+                v
+            }
+        };
+        let (mut jmprel, mut relsz, mut symtab, mut strtab) = (0, 0, 0, 0);
+        let mut d = dynamic as *const Dyn;
+        // SAFETY: the dynamic section ends with DT_NULL.
+        unsafe {
+            while (*d).tag != DT_NULL {
+                match (*d).tag {
+                    DT_JMPREL => jmprel = at((*d).val),
+                    DT_PLTRELSZ => relsz = (*d).val as usize,
+                    DT_SYMTAB => symtab = at((*d).val),
+                    DT_STRTAB => strtab = at((*d).val),
+                    _ => {}
+                }
+                d = d.add(1);
+            }
+        }
+        if jmprel == 0 || symtab == 0 || strtab == 0 {
+            return 0;
+        }
+        let mut done = 0;
+        for i in 0..relsz / core::mem::size_of::<Rela>() {
+            // SAFETY: DT_PLTRELSZ bytes of Elf64_Rela at DT_JMPREL.
+            let r = unsafe { &*(jmprel as *const Rela).add(i) };
+            if r.info as u32 != R_X86_64_JUMP_SLOT {
+                continue;
+            }
+            // SAFETY: the relocation's symbol, in the object's symbol table,
+            // and its name in the string table.
+            let sym_name = unsafe {
+                let sym = &*(symtab as *const Sym).add((r.info >> 32) as usize);
+                crate::sys::cstr_bytes((strtab + sym.name as usize) as *const libc::c_char)
+            };
+            if sym_name != job.name {
+                continue;
+            }
+            let slot = base + r.offset as usize;
+            // SAFETY: the PLT slot of a loaded object, 8-aligned.
+            let now = unsafe { (slot as *const usize).read_volatile() };
+            if now != job.hook && !(now >= lo && now < hi) {
+                continue;
+            }
+            let page = sampled::PAGE;
+            let in_relro = slot >= relro.0 && slot < relro.1;
+            let p = (slot & !(page - 1)) as *mut libc::c_void;
+            // SAFETY: the slot's page is made writable for the store when
+            // the loader made it read-only (RELRO), and put back after.
+            unsafe {
+                if in_relro && libc::mprotect(p, page, libc::PROT_READ | libc::PROT_WRITE) != 0 {
+                    continue;
+                }
+                (slot as *mut usize).write_volatile(job.to);
+                if in_relro {
+                    libc::mprotect(p, page, libc::PROT_READ);
+                }
+            }
+            done += 1;
+        }
+        done
+    }
+    let mut job = Job {
+        name,
+        hook,
+        to,
+        me: rebind as *const () as usize,
+        done: 0,
+    };
+    // SAFETY: the callback reads the objects' headers and writes their PLT
+    // slots only.
+    unsafe { libc::dl_iterate_phdr(Some(cb), (&raw mut job).cast()) };
+    job.done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_byte_for_byte_with_wildcards() {
+        let pat = [Some(1u8), None, Some(3)];
+        assert!(matches(&[1, 9, 3], &pat));
+        assert!(!matches(&[1, 9, 4], &pat));
+        assert!(!matches(&[1, 9], &pat));
+    }
+
+    #[test]
+    fn the_new_test_jumps_back_to_the_padding() {
+        // je rel8 at entry + 5, two bytes long: its target is 7 bytes before
+        // the entry, where the padding's jump is.
+        let rel = FREE_TEST[6] as i8 as isize;
+        assert_eq!(5 + 2 + rel, -7);
+        assert_eq!(FREE_TEST.len(), 9, "as long as glibc's test and je");
+    }
+}
