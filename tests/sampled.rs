@@ -121,13 +121,25 @@ fn glibc_free_rewritten_for_sampled_mode_frees_every_way_and_traces_exactly() {
         let text = stdout(&out);
         assert!(text.ends_with("aligned 200\n"), "{name}: {text}");
         let e = entry(&text);
+        let slot = text
+            .lines()
+            .find_map(|l| l.strip_prefix("free slot: "))
+            .unwrap_or("");
         if rewritten {
             assert!(
                 e.ends_with(" 66 f7 c7 ef ff 74 f2 66 90"),
                 "{name}: glibc's free not rewritten: {e}"
             );
+            assert!(
+                slot.contains("libc.so"),
+                "{name}: PLT slot not rebound: {text}"
+            );
         } else {
             assert_eq!(e, bare_entry, "{name}: glibc's free changed");
+            assert!(
+                slot.contains("libmtrace_rs.so"),
+                "{name}: PLT slot moved: {text}"
+            );
         }
         let report = mtrace_rs_tests::analyze(&tracer.only_trace());
         let summary = report.summary();
