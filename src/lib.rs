@@ -140,12 +140,18 @@ pub fn programs_dir() -> PathBuf {
 /// hide the calling function from any unwinder; the programs also mark their
 /// call sites `noipa` (see tests/programs/common.h).
 pub fn compile(source: &str, out_dir: &Path) -> PathBuf {
+    compile_with(source, out_dir, "", &[])
+}
+
+/// As [`compile`], with more compiler or linker flags, into an executable
+/// whose name is the source's stem followed by `suffix`.
+pub fn compile_with(source: &str, out_dir: &Path, suffix: &str, flags: &[&str]) -> PathBuf {
     let src = workspace_root().join(source);
     let stem = src
         .file_stem()
         .and_then(OsStr::to_str)
         .expect("source file name");
-    let exe = out_dir.join(stem);
+    let exe = out_dir.join(format!("{stem}{suffix}"));
     let cpp = matches!(src.extension().and_then(OsStr::to_str), Some("cpp" | "cc"));
     let mut cmd = Command::new(if cpp { "c++" } else { "cc" });
     cmd.args([
@@ -156,6 +162,7 @@ pub fn compile(source: &str, out_dir: &Path) -> PathBuf {
         "-fno-optimize-sibling-calls",
     ])
     .arg(if cpp { "-std=c++17" } else { "-std=gnu11" })
+    .args(flags)
     .arg("-I")
     .arg(programs_dir())
     .arg("-o")

@@ -90,8 +90,23 @@ fn four_one_mib_leaks_at_the_default_rate_are_exact_not_estimated() {
 #[test]
 fn glibc_free_rewritten_for_sampled_mode_frees_every_way_and_traces_exactly() {
     let scratch = Scratch::new("detour");
-    let exe = compile("tests/programs/detour.c", scratch.path());
-    let bare = mtrace_rs_tests::run_bare(&mut Command::new(&exe));
+    // Lazy binding (the PLT slot for free not bound yet when the tracer
+    // starts) and immediate binding (bound to the tracer's hook by then).
+    let lazy = compile("tests/programs/detour.c", scratch.path());
+    let now = mtrace_rs_tests::compile_with(
+        "tests/programs/detour.c",
+        scratch.path(),
+        "-now",
+        &["-Wl,-z,now"],
+    );
+    for exe in [lazy, now] {
+        detour_traces_exactly(&exe, &scratch);
+    }
+}
+
+fn detour_traces_exactly(exe: &std::path::Path, scratch: &Scratch) {
+    let tag = exe.file_name().unwrap().to_string_lossy().into_owned();
+    let bare = mtrace_rs_tests::run_bare(&mut Command::new(exe));
     assert!(bare.status.success(), "{bare:?}");
     let bare_text = stdout(&bare);
     let entry = |text: &str| text.lines().next().unwrap_or("").to_string();
@@ -103,20 +118,25 @@ fn glibc_free_rewritten_for_sampled_mode_frees_every_way_and_traces_exactly() {
         && b[0] == "e8"
         && b[5..12] == ["0f", "1f", "80", "00", "00", "00", "00"]
         && b[12..17] == ["48", "85", "ff", "0f", "84"];
-    for (name, tracer, rewritten) in [
+    for (mode, tracer, rewritten) in [
         (
             "default",
-            Tracer::default_rate(&scratch.dir("default")),
+            Tracer::default_rate(&scratch.dir(&format!("{tag}-default"))),
             expected_shape,
         ),
         (
             "detour off",
-            Tracer::default_rate(&scratch.dir("off")).env("MTRACE_RS_DETOUR", "0"),
+            Tracer::default_rate(&scratch.dir(&format!("{tag}-off"))).env("MTRACE_RS_DETOUR", "0"),
             false,
         ),
-        ("exact", Tracer::exact(&scratch.dir("exact")), false),
+        (
+            "exact",
+            Tracer::exact(&scratch.dir(&format!("{tag}-exact"))),
+            false,
+        ),
     ] {
-        let out = tracer.run(&mut Command::new(&exe));
+        let name = format!("{tag}, {mode}");
+        let out = tracer.run(&mut Command::new(exe));
         assert!(out.status.success(), "{name}: {out:?}");
         let text = stdout(&out);
         assert!(text.ends_with("aligned 200\n"), "{name}: {text}");

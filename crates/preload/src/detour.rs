@@ -28,11 +28,14 @@
 //! once in 2048) go to the slow path, which returns for NULL and forwards an
 //! ordinary block past the test (`real::FREE` then holds the instruction
 //! after it); everything else runs glibc's free as before, with no
-//! instruction more. Then the program's PLT slots for `free`, in every
-//! object loaded at start-up, are pointed at glibc's free instead of our
-//! hook. The hook stays, and stays right, for whatever still reaches it
-//! (objects loaded later, function pointers taken earlier): its test is the
-//! same, and it jumps past glibc's.
+//! instruction more. Then the PLT slots for `free` of the objects loaded at
+//! start-up are pointed at glibc's free instead of our hook (`rebind`). The
+//! hook stays, and stays right, for whatever still reaches it: its test is
+//! the same, and it jumps past glibc's. That is objects loaded later, an
+//! object that takes free's address (it calls through that address's GOT
+//! slot, which must hold the same address in every object), and function
+//! pointers taken before; objects of another namespace (`LD_AUDIT`,
+//! `dlmopen`), which may have a C library of their own, are left alone.
 //!
 //! Nothing is rewritten unless every condition holds: sampled mode (exact
 //! mode sees every free), glibc is the next allocator and the program's
@@ -41,6 +44,7 @@
 //! (W^X policies may not), and `MTRACE_RS_DETOUR` is not 0. Otherwise the
 //! interposed hook does the work, as everywhere else.
 
+use core::ffi::c_void;
 use core::sync::atomic::Ordering::*;
 
 use crate::{api, real, sampled};
@@ -236,16 +240,78 @@ const DT_SYMTAB: i64 = 6;
 const DT_JMPREL: i64 = 23;
 const R_X86_64_JUMP_SLOT: u32 = 7;
 
-/// Points every object's PLT slot for `name` at `to`, where it holds `hook`
-/// (bound to us already) or an address inside the object itself (not bound
-/// yet: lazy binding would bind it to us). Objects loaded later keep
-/// binding to the hook. Returns the number of slots rewritten.
+/// The public head of glibc's `struct link_map`.
+#[repr(C)]
+struct LinkMap {
+    addr: usize,
+    name: *const libc::c_char,
+    ld: *const Dyn,
+    next: *const LinkMap,
+    prev: *const LinkMap,
+}
+
+extern "C" {
+    fn dlinfo(handle: *mut c_void, request: libc::c_int, info: *mut c_void) -> libc::c_int;
+}
+
+/// The dynamic sections of the objects in the program's own namespace (the
+/// link map of the main program, in load order): an object loaded into
+/// another (an `LD_AUDIT` module, `dlmopen`) may have a C library of its own,
+/// whose `free` is not the one we rewrote.
+fn base_namespace() -> Vec<usize> {
+    let mut out = Vec::new();
+    // SAFETY: dlopen(NULL) gives the main program's handle (no load), and
+    // dlinfo its link map, a list the loader keeps for the process's life.
+    unsafe {
+        let main = libc::dlopen(core::ptr::null(), libc::RTLD_LAZY | libc::RTLD_NOLOAD);
+        if main.is_null() {
+            return out;
+        }
+        let mut lm: *const LinkMap = core::ptr::null();
+        if dlinfo(main, libc::RTLD_DI_LINKMAP, (&raw mut lm).cast()) == 0 {
+            while !lm.is_null() {
+                out.push((*lm).ld as usize);
+                lm = (*lm).next;
+            }
+        }
+        libc::dlclose(main);
+    }
+    out
+}
+
+/// Whether a PLT slot holding `value` is not bound yet: lazy binding leaves
+/// it pointing at the `push` of its own PLT entry, whose operand is the
+/// slot's relocation index (`68 imm32`, after `endbr64` where the object is
+/// built for CET).
+///
+/// # Safety
+/// `value` lies inside the object's loaded segments.
+unsafe fn unbound(value: usize, index: usize, hi: usize) -> bool {
+    let Ok(index) = u32::try_from(index) else {
+        return false;
+    };
+    let at = |p: usize, n: usize| {
+        // SAFETY: checked against the object's end; its segments are mapped.
+        (p + n <= hi).then(|| unsafe { core::slice::from_raw_parts(p as *const u8, n) })
+    };
+    let push = |p: usize| at(p, 5).is_some_and(|b| b[0] == 0x68 && b[1..5] == index.to_le_bytes());
+    push(value) || (at(value, 4) == Some(&[0xf3, 0x0f, 0x1e, 0xfa]) && push(value + 4))
+}
+
+/// Points the PLT slots for `name` of every object of the program's own
+/// namespace at `to`, where they hold `hook` (bound to us already) or are
+/// not bound yet (lazy binding would bind them to us, first in the lookup
+/// order). Objects loaded later keep binding to the hook, as do the GOT
+/// slots of objects that take the function's address (`GLOB_DAT`: that
+/// address must stay the same in every object). Returns the number of slots
+/// rewritten.
 fn rebind(name: &'static [u8], hook: usize, to: usize) -> usize {
     struct Job {
         name: &'static [u8],
         hook: usize,
         to: usize,
         me: usize,
+        base: Vec<usize>,
         done: usize,
     }
     unsafe extern "C" fn cb(
@@ -281,8 +347,8 @@ fn rebind(name: &'static [u8], hook: usize, to: usize) -> usize {
             }
         }
         // Not our own object (its slots reach the hook by design), nor one
-        // without dynamic linking.
-        if dynamic == 0 || (job.me >= lo && job.me < hi) {
+        // without dynamic linking, nor one of another namespace.
+        if dynamic == 0 || (job.me >= lo && job.me < hi) || !job.base.contains(&dynamic) {
             return 0;
         }
         // The loader has relocated the pointers in the dynamic section on
@@ -332,7 +398,8 @@ fn rebind(name: &'static [u8], hook: usize, to: usize) -> usize {
             let slot = base + r.offset as usize;
             // SAFETY: the PLT slot of a loaded object, 8-aligned.
             let now = unsafe { (slot as *const usize).read_volatile() };
-            if now != job.hook && !(now >= lo && now < hi) {
+            // SAFETY: `now` is checked to lie in the object first.
+            if now != job.hook && !(now >= lo && now < hi && unsafe { unbound(now, i, hi) }) {
                 continue;
             }
             let page = sampled::PAGE;
@@ -358,6 +425,7 @@ fn rebind(name: &'static [u8], hook: usize, to: usize) -> usize {
         hook,
         to,
         me: rebind as *const () as usize,
+        base: base_namespace(),
         done: 0,
     };
     // SAFETY: the callback reads the objects' headers and writes their PLT
@@ -376,6 +444,31 @@ mod tests {
         assert!(matches(&[1, 9, 3], &pat));
         assert!(!matches(&[1, 9, 4], &pat));
         assert!(!matches(&[1, 9], &pat));
+    }
+
+    #[test]
+    fn an_unbound_slot_points_at_its_own_push() {
+        let plt = [0x68u8, 5, 0, 0, 0, 0xe9, 0, 0, 0, 0];
+        let cet = [0xf3u8, 0x0f, 0x1e, 0xfa, 0x68, 5, 0, 0, 0, 0xf2];
+        let code = [0x55u8, 0x48, 0x89, 0xe5, 0x68, 5, 0, 0, 0, 0xc3];
+        let end = |b: &[u8]| b.as_ptr() as usize + b.len();
+        // SAFETY: each slice is readable up to `end`.
+        unsafe {
+            assert!(unbound(plt.as_ptr() as usize, 5, end(&plt)));
+            assert!(
+                !unbound(plt.as_ptr() as usize, 6, end(&plt)),
+                "another slot's"
+            );
+            assert!(unbound(cet.as_ptr() as usize, 5, end(&cet)));
+            assert!(
+                !unbound(code.as_ptr() as usize, 5, end(&code)),
+                "a function"
+            );
+            assert!(
+                !unbound(plt.as_ptr() as usize, 5, plt.as_ptr() as usize + 4),
+                "past the end"
+            );
+        }
     }
 
     #[test]
