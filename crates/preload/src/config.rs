@@ -183,41 +183,29 @@ impl Config {
                 }
             }
         }
-        if let Some(v) = getenv(b"MTRACE_RS_LEAK_SCAN\0") {
-            match v {
-                b"1" => c.leak_scan = true,
-                b"0" => c.leak_scan = false,
-                _ => {
-                    bad(b"MTRACE_RS_LEAK_SCAN", v, b"expected 0 or 1");
-                    ok = false;
-                }
-            }
-        }
-        if let Some(v) = getenv(b"MTRACE_RS_MMAP\0") {
-            match v {
-                b"1" => c.mmap = true,
-                b"0" => c.mmap = false,
-                _ => {
-                    bad(b"MTRACE_RS_MMAP", v, b"expected 0 or 1");
-                    ok = false;
-                }
-            }
-        }
-        if let Some(v) = getenv(b"MTRACE_RS_DETOUR\0") {
-            match v {
-                b"1" => c.detour = true,
-                b"0" => c.detour = false,
-                _ => {
-                    bad(b"MTRACE_RS_DETOUR", v, b"expected 0 or 1");
-                    ok = false;
-                }
-            }
-        }
+        switch(b"MTRACE_RS_LEAK_SCAN\0", &mut c.leak_scan, &mut ok);
+        switch(b"MTRACE_RS_MMAP\0", &mut c.mmap, &mut ok);
+        switch(b"MTRACE_RS_DETOUR\0", &mut c.detour, &mut ok);
         if !flush_set && c.exact() {
             c.flush_ms = FLUSH_MS_EXACT;
         }
         warn_unknown();
         ok.then_some(c)
+    }
+}
+
+/// A variable of 0 or 1 (`var` NUL-terminated) into `into`, if set; any
+/// other value is reported and clears `ok`.
+fn switch(var: &[u8], into: &mut bool, ok: &mut bool) {
+    if let Some(v) = getenv(var) {
+        match v {
+            b"1" => *into = true,
+            b"0" => *into = false,
+            _ => {
+                bad(&var[..var.len() - 1], v, b"expected 0 or 1");
+                *ok = false;
+            }
+        }
     }
 }
 

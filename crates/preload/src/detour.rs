@@ -47,7 +47,7 @@
 use core::ffi::c_void;
 use core::sync::atomic::Ordering::*;
 
-use crate::{api, real, sampled};
+use crate::{api, real, sampled, sys};
 
 /// The test's immediate is the free hook's mask, as a 16-bit operand.
 const _: () = assert!(sampled::CANDIDATE_MASK == 0xffef);
@@ -95,35 +95,19 @@ fn matches(code: &[u8], pattern: &[Option<u8>]) -> bool {
 /// The executable segment of a loaded object holding `addr`, as
 /// `(start, end)`.
 fn exec_segment(addr: usize) -> Option<(usize, usize)> {
-    struct Find {
-        addr: usize,
-        found: Option<(usize, usize)>,
-    }
-    unsafe extern "C" fn cb(
-        info: *mut libc::dl_phdr_info,
-        _: usize,
-        data: *mut libc::c_void,
-    ) -> libc::c_int {
-        // SAFETY: valid for the call; `data` is the Find below.
-        let (info, f) = unsafe { (&*info, &mut *(data as *mut Find)) };
-        for i in 0..info.dlpi_phnum as usize {
-            // SAFETY: dlpi_phdr has dlpi_phnum entries.
-            let ph = unsafe { &*info.dlpi_phdr.add(i) };
-            if ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_X != 0 {
+    let mut found = None;
+    sys::each_object(|info, phdrs| {
+        found = phdrs
+            .iter()
+            .filter(|ph| ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_X != 0)
+            .map(|ph| {
                 let s = (info.dlpi_addr + ph.p_vaddr) as usize;
-                let e = s + ph.p_memsz as usize;
-                if f.addr >= s && f.addr < e {
-                    f.found = Some((s, e));
-                    return 1;
-                }
-            }
-        }
-        0
-    }
-    let mut f = Find { addr, found: None };
-    // SAFETY: the callback only reads the headers it is given.
-    unsafe { libc::dl_iterate_phdr(Some(cb), (&raw mut f).cast()) };
-    f.found
+                (s, s + ph.p_memsz as usize)
+            })
+            .find(|&(s, e)| addr >= s && addr < e);
+        found.is_some()
+    });
+    found
 }
 
 /// Writes `bytes` at each `(address, bytes)` in `code`, executable code of
@@ -312,29 +296,15 @@ fn rebind(name: &'static [u8], hook: usize, to: usize) -> usize {
         to: usize,
         me: usize,
         base: Vec<usize>,
-        done: usize,
-    }
-    unsafe extern "C" fn cb(
-        info: *mut libc::dl_phdr_info,
-        _: usize,
-        data: *mut libc::c_void,
-    ) -> libc::c_int {
-        // SAFETY: valid for the call; `data` is the Job below.
-        let (info, job) = unsafe { (&*info, &mut *(data as *mut Job)) };
-        // SAFETY: the object's headers, as the loader gives them.
-        job.done += unsafe { rebind_in(info, job) };
-        0
     }
     /// # Safety
-    /// `info` describes a loaded object.
-    unsafe fn rebind_in(info: &libc::dl_phdr_info, job: &Job) -> usize {
+    /// `info` and `phdrs` describe a loaded object.
+    unsafe fn rebind_in(info: &libc::dl_phdr_info, phdrs: &[libc::Elf64_Phdr], job: &Job) -> usize {
         let base = info.dlpi_addr as usize;
         let (mut lo, mut hi) = (usize::MAX, 0usize);
         let mut dynamic = 0usize;
         let mut relro = (0usize, 0usize);
-        for i in 0..info.dlpi_phnum as usize {
-            // SAFETY: dlpi_phdr has dlpi_phnum entries.
-            let ph = unsafe { &*info.dlpi_phdr.add(i) };
+        for ph in phdrs {
             let s = base + ph.p_vaddr as usize;
             match ph.p_type {
                 libc::PT_LOAD => {
@@ -420,18 +390,20 @@ fn rebind(name: &'static [u8], hook: usize, to: usize) -> usize {
         }
         done
     }
-    let mut job = Job {
+    let job = Job {
         name,
         hook,
         to,
         me: rebind as *const () as usize,
         base: base_namespace(),
-        done: 0,
     };
-    // SAFETY: the callback reads the objects' headers and writes their PLT
-    // slots only.
-    unsafe { libc::dl_iterate_phdr(Some(cb), (&raw mut job).cast()) };
-    job.done
+    let mut done = 0;
+    sys::each_object(|info, phdrs| {
+        // SAFETY: the object's headers, as the loader gives them.
+        done += unsafe { rebind_in(info, phdrs, &job) };
+        false
+    });
+    done
 }
 
 #[cfg(test)]

@@ -158,37 +158,19 @@ fn is_readable(ranges: &[(u64, u64)], start: u64, len: u64) -> bool {
 
 /// Writable segments of every loaded object but `skip` (this library).
 fn data_segments(skip: (u64, u64)) -> Vec<(u64, u64)> {
-    struct Acc {
-        out: Vec<(u64, u64)>,
-        skip: (u64, u64),
-    }
-    unsafe extern "C" fn cb(
-        info: *mut libc::dl_phdr_info,
-        _: usize,
-        data: *mut libc::c_void,
-    ) -> libc::c_int {
-        // SAFETY: valid for the call; `data` is the Acc below.
-        let (info, acc) = unsafe { (&*info, &mut *(data as *mut Acc)) };
-        for i in 0..info.dlpi_phnum as usize {
-            // SAFETY: dlpi_phdr has dlpi_phnum entries.
-            let ph = unsafe { &*info.dlpi_phdr.add(i) };
+    let mut out = Vec::new();
+    crate::sys::each_object(|info, phdrs| {
+        for ph in phdrs {
             if ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_W != 0 {
                 let start = info.dlpi_addr.wrapping_add(ph.p_vaddr);
-                if start >= acc.skip.0 && start < acc.skip.1 {
-                    continue;
+                if start < skip.0 || start >= skip.1 {
+                    out.push((start, ph.p_memsz));
                 }
-                acc.out.push((start, ph.p_memsz));
             }
         }
-        0
-    }
-    let mut acc = Acc {
-        out: Vec::new(),
-        skip,
-    };
-    // SAFETY: the callback only reads the headers and pushes into `acc`.
-    unsafe { libc::dl_iterate_phdr(Some(cb), &mut acc as *mut Acc as *mut libc::c_void) };
-    acc.out
+        false
+    });
+    out
 }
 
 /// Marks every live block reachable from the roots; returns the addresses

@@ -177,30 +177,18 @@ fn warn_if_shadowed() {
 fn set_self_range() {
     static LO: AtomicUsize = AtomicUsize::new(0);
     let me = set_self_range as *const () as usize;
-    unsafe extern "C" fn cb(
-        info: *mut libc::dl_phdr_info,
-        _: usize,
-        data: *mut libc::c_void,
-    ) -> libc::c_int {
-        // SAFETY: valid for the call; `data` is the target address.
-        let (info, me) = unsafe { (&*info, *(data as *const usize)) };
+    sys::each_object(|info, phdrs| {
         let (mut lo, mut hi) = (usize::MAX, 0usize);
-        for i in 0..info.dlpi_phnum as usize {
-            // SAFETY: dlpi_phdr has dlpi_phnum entries.
-            let ph = unsafe { &*info.dlpi_phdr.add(i) };
-            if ph.p_type == libc::PT_LOAD {
-                let s = (info.dlpi_addr + ph.p_vaddr) as usize;
-                lo = lo.min(s);
-                hi = hi.max(s + ph.p_memsz as usize);
-            }
+        for ph in phdrs.iter().filter(|ph| ph.p_type == libc::PT_LOAD) {
+            let s = (info.dlpi_addr + ph.p_vaddr) as usize;
+            lo = lo.min(s);
+            hi = hi.max(s + ph.p_memsz as usize);
         }
-        if me >= lo && me < hi {
+        let found = me >= lo && me < hi;
+        if found {
             stacks::set_self_range(lo, hi);
             LO.store(lo, Relaxed);
-            return 1;
         }
-        0
-    }
-    // SAFETY: the callback only reads the headers it is given.
-    unsafe { libc::dl_iterate_phdr(Some(cb), &me as *const usize as *mut libc::c_void) };
+        found
+    });
 }

@@ -225,3 +225,28 @@ pub fn yield_now() {
     // SAFETY: sched_yield has no preconditions.
     unsafe { libc::sched_yield() };
 }
+
+/// Calls `f` with each loaded object's headers and its program headers, in
+/// the loader's order, until `f` returns true.
+pub fn each_object(mut f: impl FnMut(&libc::dl_phdr_info, &[libc::Elf64_Phdr]) -> bool) {
+    type Each<'a> = &'a mut dyn FnMut(&libc::dl_phdr_info, &[libc::Elf64_Phdr]) -> bool;
+    unsafe extern "C" fn cb(
+        info: *mut libc::dl_phdr_info,
+        _: usize,
+        data: *mut c_void,
+    ) -> libc::c_int {
+        // SAFETY: `info` is valid for the call, with `dlpi_phnum` program
+        // headers at `dlpi_phdr`; `data` is the closure below.
+        let (info, f) = unsafe { (&*info, &mut *(data as *mut Each)) };
+        let phdrs = if info.dlpi_phdr.is_null() {
+            &[][..]
+        } else {
+            // SAFETY: as above.
+            unsafe { core::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) }
+        };
+        f(info, phdrs) as libc::c_int
+    }
+    let mut each: Each = &mut f;
+    // SAFETY: the callback only hands the loader's headers to `f`.
+    unsafe { libc::dl_iterate_phdr(Some(cb), (&raw mut each).cast()) };
+}
