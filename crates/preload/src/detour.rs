@@ -304,6 +304,18 @@ fn rebind(name: &'static [u8], hook: usize, to: usize) -> usize {
         let (mut lo, mut hi) = (usize::MAX, 0usize);
         let mut dynamic = 0usize;
         let mut relro = (0usize, 0usize);
+        // A slot is written only in a writable segment (RELRO ones are, until
+        // the loader protects them): never into text of an object that
+        // relocates its code.
+        let writable = |slot: usize| {
+            phdrs.iter().any(|ph| {
+                let s = base + ph.p_vaddr as usize;
+                ph.p_type == libc::PT_LOAD
+                    && ph.p_flags & libc::PF_W != 0
+                    && slot >= s
+                    && slot + 8 <= s + ph.p_memsz as usize
+            })
+        };
         for ph in phdrs {
             let s = base + ph.p_vaddr as usize;
             match ph.p_type {
@@ -366,6 +378,9 @@ fn rebind(name: &'static [u8], hook: usize, to: usize) -> usize {
                 continue;
             }
             let slot = base + r.offset as usize;
+            if !writable(slot) {
+                continue;
+            }
             // SAFETY: the PLT slot of a loaded object, 8-aligned.
             let now = unsafe { (slot as *const usize).read_volatile() };
             // SAFETY: `now` is checked to lie in the object first.
