@@ -11,6 +11,8 @@ declare -A packages=(
     [cc]=gcc [c++]=g++ [sqlite3]=sqlite3 [git]=git [python3]=python3 [java]=default-jdk-headless
     # `go tool pprof` reads the pprof export back in tests/export.rs.
     [go]=golang-go
+    # tests/sampled.rs runs glibc's rewritten free under Valgrind.
+    [valgrind]=valgrind
 )
 missing=()
 for cmd in "${!packages[@]}"; do

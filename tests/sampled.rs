@@ -179,3 +179,61 @@ fn detour_traces_exactly(exe: &std::path::Path, scratch: &Scratch) {
         }
     }
 }
+
+/// Valgrind runs translations of the code it has seen, so glibc's free,
+/// once run, would stay unrewritten under it, and the program's frees (sent
+/// straight to glibc's free by detour.rs) would give sampled blocks to
+/// glibc. The rewrite tells Valgrind to drop its translations; here another
+/// library's constructor frees a block before the tracer's runs, and the
+/// trace must still come out exact.
+#[test]
+fn under_valgrind_glibc_free_rewritten_after_it_ran_still_traces_exactly() {
+    if !mtrace_rs_tests::have_command("valgrind") {
+        eprintln!("skipped: valgrind is not installed (scripts/test.sh installs it)");
+        return;
+    }
+    let scratch = Scratch::new("detour-valgrind");
+    let exe = compile("tests/programs/detour.c", scratch.path());
+    let early = mtrace_rs_tests::compile_with(
+        "tests/programs/early_free.c",
+        scratch.path(),
+        ".so",
+        &["-shared", "-fPIC"],
+    );
+    let traces = scratch.dir("traces");
+    let preload = &mtrace_rs_tests::artifacts().preload;
+    // LD_PRELOAD goes to the program through env, not to Valgrind's own
+    // launcher.
+    let out = mtrace_rs_tests::run_bare(
+        Command::new("valgrind")
+            .args(["-q", "--tool=none", "--trace-children=yes", "env"])
+            .arg(format!(
+                "LD_PRELOAD={} {}",
+                preload.display(),
+                early.display()
+            ))
+            .arg(format!("MTRACE_RS_OUT={}/trace.%p.bin", traces.display()))
+            .arg(&exe),
+    );
+    let text = stdout(&out);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.ends_with("aligned 200\n"), "{text}");
+    let reports: Vec<_> = std::fs::read_dir(&traces)
+        .unwrap()
+        .map(|e| mtrace_rs_tests::analyze(&e.unwrap().path()))
+        .filter(|r| r.held_by("leak_big").1 > 0)
+        .collect();
+    assert_eq!(reports.len(), 1, "one trace of the program: {text}");
+    let report = &reports[0];
+    let summary = report.summary();
+    assert_eq!(report.ending(), "clean", "{summary}");
+    assert_eq!(report.held_by("leak_big"), (3 << 20, 3), "{summary}");
+    for site in [
+        "churn_big",
+        "churn_big_pointer",
+        "churn_aligned",
+        "churn_small",
+    ] {
+        assert_eq!(report.held_by(site), (0, 0), "{site}: {summary}");
+    }
+}

@@ -142,6 +142,9 @@ unsafe fn write_code(edits: &[(usize, &[u8])]) -> bool {
             libc::PROT_READ | libc::PROT_EXEC,
         );
     }
+    // Under Valgrind, glibc's free may have run (and been translated) before
+    // the rewrite: by another library's constructor, for one.
+    sys::discard_translations(lo, hi - lo);
     true
 }
 

@@ -154,6 +154,7 @@ pub fn apply() -> usize {
             libc::PROT_READ | libc::PROT_EXEC,
         );
     }
+    crate::sys::discard_translations(lo, hi - lo);
     n
 }
 
