@@ -42,7 +42,10 @@
 //! `free` is ours, one thread, the bytes are what we expect (glibc 2.36 as
 //! Debian 12 builds it), the jump reaches, the system lets us write the code
 //! (W^X policies may not), and `MTRACE_RS_DETOUR` is not 0. Otherwise the
-//! interposed hook does the work, as everywhere else.
+//! interposed hook does the work, as everywhere else. Under Valgrind, which
+//! runs its own translations of code that has run, the rewrite asks it to
+//! drop them (`sys::discard_translations`): glibc's free may have run before
+//! the tracer's constructor (another library's constructor frees a block).
 
 use core::ffi::c_void;
 use core::sync::atomic::Ordering::*;
