@@ -2,7 +2,9 @@
 """The measuring half of scripts/bench.sh: runs every workload bare, under the
 forwarding-only floor, under mtrace-rs (sampled and exact) and under
 heaptrack, in rotating order; counts instructions per malloc+free pair under
-callgrind; times the analyzers; writes a Markdown table and a JSON record.
+callgrind; measures the floor and sampled mode in same-core pairs
+(benches/pair.py); times the analyzers; writes a Markdown table and a JSON
+record.
 
 scripts/bench.sh checks the release artifacts and compiles the C and Java
 sources first; run it rather than this file. Python 3.8+ standard library
@@ -671,6 +673,33 @@ def main():
             log("  %-8s %.1f Ir/pair (main thread), %.1f (all threads)" % (mode, per_main, per_all))
         shutil.rmtree(cg_dir, ignore_errors=True)
 
+    # Same-core pairs (benches/pair.py): the floor and sampled mode against
+    # bare, both runs of a pair pinned to one core so that they share every
+    # spell of the host's noise: a CPU-time ratio to a tenth of a percent,
+    # where the rounds above vary by several percent.
+    pairs = {}
+    if shutil.which("taskset") and (os.cpu_count() or 1) >= 2 and \
+            (not only or "pairs" in only):
+        rounds = 4 if quick else 10
+        iters = 2_000_000 if quick else 6_000_000
+        log("== same-core pairs: 1-thread churn, %d rounds of %d iterations" % (rounds, iters))
+        for mode, spec in (("floor", "floor:LD_PRELOAD=" + floor_lib),
+                           ("sampled", "sampled:LD_PRELOAD=%s,MTRACE_RS_SEED=7" % a.lib)):
+            r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "pair.py"),
+                                "--same-core", "--rounds", str(rounds), "--iters", str(iters),
+                                "--churn", os.path.join(bin_dir, "churn"), "bare:", spec],
+                               capture_output=True, text=True)
+            found = re.search(r"(\d+) pairs: median ([\d.]+), mean ([\d.]+), sd ([\d.]+), "
+                              r"standard error ([\d.]+)", r.stdout)
+            if r.returncode != 0 or not found:
+                pairs[mode] = {"error": (r.stderr or r.stdout).strip()[-300:]}
+                log("  %-8s FAILED: %s" % (mode, pairs[mode]["error"]))
+                continue
+            n, med, mean, sd, se = found.groups()
+            pairs[mode] = {"pairs": int(n), "median": float(med), "mean": float(mean),
+                           "sd": float(sd), "standard_error": float(se)}
+            log("  %-8s %s" % (mode, r.stdout.strip()))
+
     elapsed = time.time() - started
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -687,6 +716,7 @@ def main():
         "analyzer": analysis,
         "callgrind": callgrind,
         "callgrind_pairs": [n1, n2] if callgrind else None,
+        "same_core_pairs": pairs,
     }
     report["targets"] = targets(report)
     md = markdown(report)
@@ -811,6 +841,13 @@ def targets(rep):
                     "%.3fx (%sbest of N %.3fx%s%s)" % (s["ratio_median"], ci, s["ratio_best"],
                                                       cpu, floor),
                     s["ratio_median"] <= 1.03))
+    sp = rep.get("same_core_pairs", {}).get("sampled", {})
+    if "mean" in sp:
+        # The mean: its standard error is the one pair.py reports.
+        out.append(("sampled churn CPU time vs bare (same-core pairs, 1 thread)", "<= 1.03x",
+                    "%.4fx (standard error %.4f, %d pairs)" % (
+                        sp["mean"], sp["standard_error"], sp["pairs"]),
+                    sp["mean"] <= 1.03))
     cg = rep["callgrind"]
     if "ir_per_pair_main_thread" in cg.get("sampled", {}) and \
             "ir_per_pair_main_thread" in cg.get("bare", {}):
@@ -909,6 +946,23 @@ def markdown(rep):
     if rep.get("skipped"):
         L.append("- skipped in quick mode: %s" % ", ".join(rep["skipped"]))
     L.append("")
+    pairs = rep.get("same_core_pairs", {})
+    if pairs:
+        L.append("### Same-core pairs (CPU time, 1-thread churn)")
+        L.append("")
+        L.append("`benches/pair.py --same-core`: each pair runs bare and the mode at once, "
+                 "pinned to one core, so both see the same noise; the ratio is the mode's "
+                 "CPU time over bare's (sampled with `MTRACE_RS_SEED=7`).")
+        L.append("")
+        L.append("| Mode | Pairs | Median | Mean | Standard deviation | Standard error |")
+        L.append("|---|--:|--:|--:|--:|--:|")
+        for mode, m in pairs.items():
+            if "error" in m:
+                L.append("| %s | failed: %s | | | | |" % (mode, m["error"]))
+            else:
+                L.append("| %s | %d | %.4fx | %.4fx | %.4f | %.4f |" % (
+                    mode, m["pairs"], m["median"], m["mean"], m["sd"], m["standard_error"]))
+        L.append("")
     cg = rep["callgrind"]
     if cg:
         L.append("### Instructions per malloc(64)+free pair (callgrind)")

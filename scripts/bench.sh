@@ -8,7 +8,7 @@
 # and the workloads' stderr in bench-out/latest.log.
 #
 #   scripts/bench.sh [--quick] [--reps N] [--light-reps N]
-#                    [--only churn,gcc,...,callgrind]
+#                    [--only churn,gcc,...,callgrind,pairs]
 #                    [--no-big-trace] [--keep] [--update-benchmarks]
 #
 #   --quick              about a minute: smaller inputs, no gcc or java
@@ -17,7 +17,9 @@
 #                        the workloads of at most 2 s bare (default 2 x reps):
 #                        their differences are a few percent, as is the noise
 #   --only LIST          run only these workloads: churn, microbench, gcc,
-#                        python, sort, java, callgrind
+#                        python, sort, java, callgrind, pairs (same-core pairs
+#                        of bare with the floor and with sampled mode,
+#                        benches/pair.py: CPU-time ratios to ~0.1%)
 #   --no-big-trace       skip tracing churn in exact mode into a file of >= 2 GB
 #                        and timing mtrace-analyze on it (default mode only;
 #                        it takes ~2 minutes and ~2.5 GB of scratch disk)
