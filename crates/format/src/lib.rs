@@ -6,9 +6,10 @@
 //! writes records with `pwrite` and the header through a shared mapping, so
 //! whatever it has written is in the page cache when the process is killed;
 //! the header's `committed` field says how many bytes of the record stream
-//! are whole, and the decoder never reads past it. A file that ends without an [`Record::End`] record was
-//! cut off (the process was killed or called `_exit` before the tracer could
-//! finish), and the decoder says so instead of failing.
+//! are whole, and the decoder never reads past it. A file that ends without
+//! an [`Record::End`] record was cut off (the process was killed or called
+//! `_exit` before the tracer could finish), and the decoder says so instead
+//! of failing.
 //!
 //! ```text
 //! header page (little-endian, offsets in bytes)

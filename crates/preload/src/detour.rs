@@ -57,42 +57,27 @@ const _: () = assert!(sampled::CANDIDATE_MASK == 0xffef);
 
 /// glibc's free: `test %rdi,%rdi; je rel32` (its NULL check), preceded by
 /// `call rel32` (the assertion handler of the function before it) and a
-/// 7-byte `nopl 0x0(%rax)` of padding. `None` in the pattern: any byte.
-const FREE_BEFORE: [Option<u8>; 21] = [
-    Some(0xe8),
-    None,
-    None,
-    None,
-    None,
-    Some(0x0f),
-    Some(0x1f),
-    Some(0x80),
-    Some(0x00),
-    Some(0x00),
-    Some(0x00),
-    Some(0x00),
-    Some(0x48),
-    Some(0x85),
-    Some(0xff),
-    Some(0x0f),
-    Some(0x84),
-    None,
-    None,
-    None,
-    None,
-];
+/// 7-byte `nopl 0x0(%rax)` of padding, in hex; `??` is any byte.
+const FREE_BEFORE: &str = "e8 ?? ?? ?? ?? 0f 1f 80 00 00 00 00 48 85 ff 0f 84 ?? ?? ?? ??";
 /// Where glibc's entry is in `FREE_BEFORE`.
 const FREE_AT: usize = 12;
 /// The bytes of the new test at the entry (9, as many as it replaces):
 /// `test $0xffef,%di; je -14; xchg %ax,%ax`.
 const FREE_TEST: [u8; 9] = [0x66, 0xf7, 0xc7, 0xef, 0xff, 0x74, 0xf2, 0x66, 0x90];
 
-fn matches(code: &[u8], pattern: &[Option<u8>]) -> bool {
-    code.len() == pattern.len()
-        && code
-            .iter()
-            .zip(pattern)
-            .all(|(b, p)| p.is_none_or(|p| *b == p))
+/// Whether `code` is `pattern`: bytes in hex, separated by spaces, `??`
+/// for any byte.
+fn matches(code: &[u8], pattern: &str) -> bool {
+    let mut want = pattern.split(' ');
+    code.iter().all(|&b| {
+        want.next()
+            .is_some_and(|w| w == "??" || u8::from_str_radix(w, 16) == Ok(b))
+    }) && want.next().is_none()
+}
+
+/// How many bytes `pattern` (as for [`matches`]) describes.
+fn pattern_len(pattern: &str) -> usize {
+    pattern.split(' ').count()
 }
 
 /// The executable segment of a loaded object holding `addr`, as
@@ -111,44 +96,6 @@ fn exec_segment(addr: usize) -> Option<(usize, usize)> {
         found.is_some()
     });
     found
-}
-
-/// Writes `bytes` at each `(address, bytes)` in `code`, executable code of
-/// a loaded object, by making its pages writable for the while.
-///
-/// # Safety
-/// One thread; no other thread may run the bytes changed.
-unsafe fn write_code(edits: &[(usize, &[u8])]) -> bool {
-    let page = sampled::PAGE;
-    let lo = edits.iter().map(|e| e.0).min().unwrap_or(0) & !(page - 1);
-    let hi = edits
-        .iter()
-        .map(|e| e.0 + e.1.len())
-        .max()
-        .unwrap_or(0)
-        .next_multiple_of(page);
-    let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
-    // SAFETY: pages of a loaded object's text, made writable and put back
-    // to read and execute.
-    unsafe {
-        if libc::mprotect(lo as *mut libc::c_void, hi - lo, rwx) != 0 {
-            return false;
-        }
-        for &(at, bytes) in edits {
-            for (i, b) in bytes.iter().enumerate() {
-                core::ptr::write_volatile((at + i) as *mut u8, *b);
-            }
-        }
-        libc::mprotect(
-            lo as *mut libc::c_void,
-            hi - lo,
-            libc::PROT_READ | libc::PROT_EXEC,
-        );
-    }
-    // Under Valgrind, glibc's free may have run (and been translated) before
-    // the rewrite: by another library's constructor, for one.
-    sys::discard_translations(lo, hi - lo);
-    true
 }
 
 /// Rewrites glibc's free as above; true if it did. The caller checks the
@@ -171,8 +118,8 @@ pub fn free() -> bool {
         return false;
     }
     // SAFETY: inside the executable segment, checked just above.
-    let code = unsafe { core::slice::from_raw_parts(start as *const u8, FREE_BEFORE.len()) };
-    if !matches(code, &FREE_BEFORE) {
+    let code = unsafe { core::slice::from_raw_parts(start as *const u8, pattern_len(FREE_BEFORE)) };
+    if !matches(code, FREE_BEFORE) {
         return false;
     }
     // The NULL check's target must be a bare `ret`: NULL then costs the
@@ -192,7 +139,7 @@ pub fn free() -> bool {
     jump[1..5].copy_from_slice(&d.to_le_bytes());
     // SAFETY: one thread (the caller's check); the padding is not run, and
     // nothing runs glibc's free while it changes.
-    if !unsafe { write_code(&[(pad, &jump), (entry, &FREE_TEST)]) } {
+    if !unsafe { crate::patch::write_code(&[(pad, &jump), (entry, &FREE_TEST)]) } {
         return false;
     }
     real::FREE.store((entry + FREE_TEST.len()) as *mut (), Release);
@@ -433,10 +380,12 @@ mod tests {
 
     #[test]
     fn patterns_match_byte_for_byte_with_wildcards() {
-        let pat = [Some(1u8), None, Some(3)];
-        assert!(matches(&[1, 9, 3], &pat));
-        assert!(!matches(&[1, 9, 4], &pat));
-        assert!(!matches(&[1, 9], &pat));
+        let pat = "01 ?? 0f";
+        assert!(matches(&[1, 9, 15], pat));
+        assert!(!matches(&[1, 9, 4], pat));
+        assert!(!matches(&[1, 9], pat));
+        assert!(!matches(&[1, 9, 15, 0], pat));
+        assert_eq!(pattern_len(FREE_BEFORE), FREE_AT + 9);
     }
 
     #[test]

@@ -118,8 +118,8 @@ pub fn apply() -> usize {
     if !single_threaded() {
         return 0;
     }
-    let mut sites = [(0usize, 0i32); 9];
-    let mut n = 0;
+    // Each hook's jump: the address of its displacement and the new one.
+    let mut sites: Vec<(usize, [u8; 4])> = Vec::new();
     for (hook, slot) in hooks() {
         // SAFETY: `hook` is one of our hooks.
         let Some(at) = (unsafe { site(hook, slot) }) else {
@@ -127,35 +127,62 @@ pub fn apply() -> usize {
         };
         let target = slot.load(Acquire) as usize;
         if let Some(d) = displacement(at, target) {
-            sites[n] = (at, d);
-            n += 1;
+            sites.push((at, d.to_le_bytes()));
         }
     }
-    if n == 0 {
+    if sites.is_empty() {
         return 0;
     }
+    let edits: Vec<(usize, &[u8])> = sites.iter().map(|(at, b)| (*at, &b[..])).collect();
+    // SAFETY: one thread, checked above; our own code.
+    if !unsafe { write_code(&edits) } {
+        return 0;
+    }
+    sites.len()
+}
+
+/// Writes each `(address, bytes)` of `edits` into the executable code of a
+/// loaded object: its pages are made writable for the while and put back to
+/// read and execute, and Valgrind, when the process runs under it, is told
+/// to drop what it translated from the old bytes. False when the system
+/// refuses to make the pages writable (a W^X policy); nothing is written
+/// then.
+///
+/// # Safety
+/// One thread; the bytes are whole instructions or displacements that no
+/// other code is running.
+pub unsafe fn write_code(edits: &[(usize, &[u8])]) -> bool {
     let page = crate::sampled::PAGE;
-    let lo = sites[..n].iter().map(|s| s.0).min().unwrap_or(0) & !(page - 1);
-    let hi = (sites[..n].iter().map(|s| s.0).max().unwrap_or(0) + 4).next_multiple_of(page);
-    // SAFETY: our own code pages, made writable for the rewrite and put back
-    // as they were (read and execute) after it.
+    let lo = edits.iter().map(|e| e.0).min().unwrap_or(0) & !(page - 1);
+    let hi = edits
+        .iter()
+        .map(|e| e.0 + e.1.len())
+        .max()
+        .unwrap_or(0)
+        .next_multiple_of(page);
+    let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
+    // SAFETY: pages of a loaded object's text, made writable and put back
+    // to read and execute (what text pages are).
     unsafe {
-        let len = hi - lo;
-        let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
-        if libc::mprotect(lo as *mut libc::c_void, len, rwx) != 0 {
-            return 0;
+        if libc::mprotect(lo as *mut libc::c_void, hi - lo, rwx) != 0 {
+            return false;
         }
-        for &(at, d) in &sites[..n] {
-            core::ptr::write_volatile(at as *mut [u8; 4], d.to_le_bytes());
+        for &(at, bytes) in edits {
+            for (i, b) in bytes.iter().enumerate() {
+                core::ptr::write_volatile((at + i) as *mut u8, *b);
+            }
         }
         libc::mprotect(
             lo as *mut libc::c_void,
-            len,
+            hi - lo,
             libc::PROT_READ | libc::PROT_EXEC,
         );
     }
+    // Under Valgrind, code that has run is run from its translations: glibc's
+    // free may have run before the constructor (another library's
+    // constructor frees a block), and our hooks have.
     crate::sys::discard_translations(lo, hi - lo);
-    n
+    true
 }
 
 #[cfg(test)]
