@@ -51,6 +51,9 @@ pub struct Config {
     pub mmap: bool,
     /// Let glibc's free tell sampled blocks apart itself (detour.rs).
     pub detour: bool,
+    /// For the tests only: the writer thread sleeps this long before each
+    /// of its cycles, as a writer held up by a slow disk would.
+    pub writer_stall_ms: u64,
 }
 
 pub const DEFAULT_SAMPLE_BYTES: u64 = 512 * 1024;
@@ -77,6 +80,7 @@ impl Config {
             depth: 64,
             seed: None,
             flush_ms: FLUSH_MS_SAMPLED,
+            writer_stall_ms: 0,
             stats_ms: 100,
             stats_ms_set: false,
             unwind: Unwind::Dwarf,
@@ -160,6 +164,19 @@ impl Config {
                 }
             }
         }
+        if let Some(v) = getenv(b"MTRACE_RS_TEST_WRITER_STALL_MS\0") {
+            match parse_u64(v) {
+                Some(n) if n <= 1000 => c.writer_stall_ms = n,
+                _ => {
+                    bad(
+                        b"MTRACE_RS_TEST_WRITER_STALL_MS",
+                        v,
+                        b"expected milliseconds from 0 to 1000",
+                    );
+                    ok = false;
+                }
+            }
+        }
         if let Some(v) = getenv(b"MTRACE_RS_STATS_MS\0") {
             match parse_u64(v) {
                 Some(n) if n <= 3_600_000 => {
@@ -210,7 +227,7 @@ fn switch(var: &[u8], into: &mut bool, ok: &mut bool) {
 }
 
 /// Every variable we read, for the typo check.
-const KNOWN: [&[u8]; 11] = [
+const KNOWN: [&[u8]; 12] = [
     b"MTRACE_RS_MMAP",
     b"MTRACE_RS_DETOUR",
     b"MTRACE_RS_LEAK_SCAN",
@@ -221,6 +238,7 @@ const KNOWN: [&[u8]; 11] = [
     b"MTRACE_RS_FLUSH_MS",
     b"MTRACE_RS_STATS_MS",
     b"MTRACE_RS_UNWIND",
+    b"MTRACE_RS_TEST_WRITER_STALL_MS",
     // Read by `mtrace-analyze run`, not by the library.
     b"MTRACE_RS_LIB",
 ];

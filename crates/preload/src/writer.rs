@@ -97,6 +97,8 @@ struct Writer {
 const STATS_DUTY: u64 = 1000;
 
 static WRITER: AtomicPtr<Writer> = AtomicPtr::new(core::ptr::null_mut());
+/// `Config::writer_stall_ms`, for the writer thread's loop.
+static STALL_MS: AtomicU64 = AtomicU64::new(0);
 /// Held by whoever runs a writer cycle.
 static BUSY: AtomicBool = AtomicBool::new(false);
 /// Tells the writer thread to stop.
@@ -146,6 +148,7 @@ fn unlock() {
 /// Creates the trace file and the writer thread. False (with a message on
 /// stderr) when tracing cannot start.
 pub fn start(cfg: &Config, ppid: u32, forked: bool) -> bool {
+    STALL_MS.store(cfg.writer_stall_ms, Relaxed);
     let pid = sys::getpid();
     let Some((fd, path)) = create_file(cfg, pid) else {
         return false;
@@ -313,6 +316,15 @@ extern "C" fn thread_main(_: *mut c_void) -> *mut c_void {
     loop {
         if STOP.load(Acquire) {
             return core::ptr::null_mut();
+        }
+        let stall = STALL_MS.load(Relaxed);
+        if stall > 0 {
+            let ts = libc::timespec {
+                tv_sec: (stall / 1000) as libc::time_t,
+                tv_nsec: (stall % 1000 * 1_000_000) as libc::c_long,
+            };
+            // SAFETY: a plain sleep of this thread.
+            unsafe { libc::nanosleep(&ts, core::ptr::null_mut()) };
         }
         let mut busy = false;
         let mut pace = 10;
