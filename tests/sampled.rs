@@ -167,6 +167,13 @@ fn detour_traces_exactly(exe: &std::path::Path, scratch: &Scratch) {
             .lines()
             .find_map(|l| l.strip_prefix("free slot: "))
             .unwrap_or("");
+        let line = |prefix: &str| line_of(&text, prefix);
+        let (malloc, malloc_slot) = (line("malloc: "), line("malloc slot: "));
+        assert_eq!(
+            line("huge: "),
+            "NULL ENOMEM",
+            "{name}: malloc(SIZE_MAX - 4096)"
+        );
         if rewritten {
             assert!(
                 e.ends_with(" 66 f7 c7 ef ff 74 f2 66 90"),
@@ -176,16 +183,89 @@ fn detour_traces_exactly(exe: &std::path::Path, scratch: &Scratch) {
                 slot.contains("libc.so"),
                 "{name}: PLT slot not rebound: {text}"
             );
+            // Its checks replaced by `sub %rbx,%fs:off; jbe; nopl`.
+            assert!(
+                malloc.starts_with("41 54 55 53 48 89 fb 48 83 ec 10 64 48 29 1c 25 ")
+                    && malloc.ends_with(" 0f 1f 80 00 00 00 00"),
+                "{name}: glibc's malloc not rewritten: {malloc}"
+            );
+            assert!(
+                malloc_slot.contains("libc.so"),
+                "{name}: malloc's PLT slot not rebound: {text}"
+            );
         } else {
             assert_eq!(e, bare_entry, "{name}: glibc's free changed");
             assert!(
                 slot.contains("libmtrace_rs.so"),
                 "{name}: PLT slot moved: {text}"
             );
+            assert_eq!(
+                malloc,
+                line_of(&bare_text, "malloc: "),
+                "{name}: glibc's malloc changed"
+            );
+            assert!(
+                malloc_slot.contains("libmtrace_rs.so"),
+                "{name}: malloc's PLT slot moved: {text}"
+            );
         }
         let report = mtrace_rs_tests::analyze(&tracer.only_trace());
         assert_detour_trace(&report, &name);
     }
+    if expected_shape {
+        same_samples_with_and_without_detours(exe, scratch, &tag);
+    }
+}
+
+/// The rewritten malloc and free must charge the countdown exactly as the
+/// hooks do: with the same seed, a rate at which detour.c takes about a
+/// thousand samples must take the same ones with and without the rewrite
+/// (the same sampled allocations and frees, by caller). A way to malloc
+/// charged twice (glibc's memalign and realloc call its malloc) or not at
+/// all would move every sample point after it.
+fn same_samples_with_and_without_detours(exe: &std::path::Path, scratch: &Scratch, tag: &str) {
+    let churn = |detour: &str| {
+        let tracer = Tracer::sampled(&scratch.dir(&format!("{tag}-seeded-{detour}")), 65536)
+            .env("MTRACE_RS_SEED", "7")
+            .env("MTRACE_RS_DETOUR", detour);
+        let out = tracer.run(&mut Command::new(exe));
+        assert!(
+            out.status.success(),
+            "{tag}, seeded, detour {detour}: {out:?}"
+        );
+        let a = Command::new(&mtrace_rs_tests::artifacts().analyzer)
+            .args(["churn", "--format", "json", "--top", "1000"])
+            .arg(tracer.only_trace())
+            .output()
+            .expect("mtrace-analyze churn");
+        let json: serde_json::Value =
+            serde_json::from_slice(&a.stdout).expect("churn report as JSON");
+        let callers: Vec<(String, u64, u64, u64)> = json["callers"]
+            .as_array()
+            .expect("callers")
+            .iter()
+            .map(|c| {
+                let n = |k: &str| c[k].as_u64().unwrap_or(u64::MAX);
+                let f = c["function"].as_str().unwrap_or("?").to_string();
+                (f, n("samples"), n("allocations"), n("bytes"))
+            })
+            .collect();
+        (json["allocations"].clone(), json["freed"].clone(), callers)
+    };
+    let (on, off) = (churn("1"), churn("0"));
+    assert!(on.2.len() >= 5, "{tag}: too few callers sampled: {on:?}");
+    assert_eq!(
+        on, off,
+        "{tag}: samples differ with the rewrite (left) and without"
+    );
+}
+
+/// The rest of the first line of `text` that starts with `prefix`.
+fn line_of(text: &str, prefix: &str) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or("")
+        .to_string()
 }
 
 /// What detour.c's trace must hold: its leak exact, its churn netted out.
@@ -197,11 +277,19 @@ fn assert_detour_trace(report: &mtrace_rs_tests::Report, name: &str) {
         (3 << 20, 3),
         "{name}: {summary}"
     );
+    // dlsym's malloc, realloc(NULL), memalign(16), aligned_alloc(16) and
+    // posix_memalign(8): the program's own frame, not glibc's.
+    assert_eq!(
+        report.held_by("leak_other_ways"),
+        (5 << 20, 5),
+        "{name}: {summary}"
+    );
     for site in [
         "churn_big",
         "churn_big_pointer",
         "churn_aligned",
         "churn_small",
+        "churn_other_ways",
     ] {
         assert_eq!(report.held_by(site), (0, 0), "{name}: {site}: {summary}");
     }

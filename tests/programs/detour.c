@@ -1,14 +1,17 @@
-/* Frees through every way in that glibc's rewritten free (detour.rs) must
- * handle, and prints the bytes around its entry, so the test can tell
- * whether it was rewritten:
+/* Frees and allocates through every way in that glibc's rewritten free and
+ * malloc (detour.rs) must handle, and prints the bytes around their entries,
+ * so the test can tell whether they were rewritten:
  *
  *     free: e8 .. .. .. .. 0f 1f 80 00 00 00 00 48 85 ff 0f 84 .. .. .. ..
+ *     malloc: 41 54 55 53 48 89 fb 48 83 ec 10 80 3d .. .. .. .. 00 0f 84 ..
  *
- * (12 bytes before __libc_free, 9 from it), and after the frees, which object
-the program's own PLT slot for free points into (the tracer's library, or
-libc once detour.rs has pointed it there):
-
+ * (12 bytes before __libc_free, 9 from it; the first 33 of __libc_malloc),
+ * and after the calls, which objects the program's own PLT slots for free and
+ * malloc point into (the tracer's library, or libc once detour.rs has
+ * pointed them there):
+ *
  *     free slot: /lib/x86_64-linux-gnu/libc.so.6
+ *     malloc slot: /lib/x86_64-linux-gnu/libc.so.6
 
 Then: blocks of 1 MiB, at least
  * the default rate and so always recorded, leaked, freed through the PLT and
@@ -18,6 +21,7 @@ Then: blocks of 1 MiB, at least
  * free(NULL); and small blocks freed at once. See tests/sampled.rs. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <errno.h>
 #include <elf.h>
 #include <link.h>
 #include <malloc.h>
@@ -28,6 +32,46 @@ Then: blocks of 1 MiB, at least
 #include "common.h"
 
 extern void __libc_free(void *);
+extern void *__libc_malloc(size_t);
+
+/* 1 MiB blocks (always recorded at the default rate) through the ways to
+ * malloc that do not go through the program's PLT slot for malloc: a
+ * pointer from dlsym (the tracer's hook), realloc of NULL, and the aligned
+ * allocators with an alignment glibc hands to its malloc. */
+NOINLINE void leak_other_ways(void) {
+    void *(*volatile get)(size_t) = (void *(*)(size_t))dlsym(RTLD_DEFAULT, "malloc");
+    void *p = get(1 << 20);
+    void *q = realloc(NULL, 1 << 20);
+    void *r = memalign(16, 1 << 20);
+    void *s = aligned_alloc(16, 1 << 20);
+    void *t = NULL;
+    if (posix_memalign(&t, 8, 1 << 20) != 0) abort();
+    if (!p || !q || !r || !s || !t) abort();
+    keep(p), keep(q), keep(r), keep(s), keep(t);
+}
+
+/* The same ways with small and medium blocks, all freed: they move the
+ * countdown, so a way charged twice (or not at all) moves every later
+ * sample point. */
+NOINLINE void churn_other_ways(void) {
+    void *(*volatile get)(size_t) = (void *(*)(size_t))dlsym(RTLD_DEFAULT, "malloc");
+    uint64_t seed = 11;
+    for (int i = 0; i < 20000; i++) {
+        size_t n = 16 + xorshift64(&seed) % 4000;
+        void *p = NULL;
+        switch (i % 6) {
+        case 0: p = get(n); break;
+        case 1: p = realloc(NULL, n); break;
+        case 2: p = memalign(i % 12 == 2 ? 0 : 16, n); break;
+        case 3: p = aligned_alloc(16, n); break;
+        case 4: if (posix_memalign(&p, i % 12 == 4 ? 8 : 16, n) != 0) abort(); break;
+        default: p = malloc(n); break;
+        }
+        if (!p) abort();
+        keep(p);
+        free(p);
+    }
+}
 
 NOINLINE void leak_big(void) {
     for (int i = 0; i < 3; i++) {
@@ -80,10 +124,16 @@ NOINLINE void churn_small(void) {
     }
 }
 
-/* The value of the main program's PLT slot for free, found through its
- * dynamic section as the loader sees it. */
+/* The value of the main program's PLT slot for a function, found through
+ * its dynamic section as the loader sees it. */
+struct slot_query {
+    const char *name;
+    void *value;
+};
+
 static int find_slot(struct dl_phdr_info *info, size_t size, void *data) {
     (void)size;
+    struct slot_query *q = data;
     ElfW(Addr) base = info->dlpi_addr;
     const ElfW(Dyn) *dyn = NULL;
     for (int i = 0; i < info->dlpi_phnum; i++)
@@ -102,8 +152,8 @@ static int find_slot(struct dl_phdr_info *info, size_t size, void *data) {
         if (dyn->d_tag == DT_STRTAB) str = (const char *)v;
     }
     for (size_t i = 0; rel && sym && str && i < relsz / sizeof *rel; i++)
-        if (strcmp(str + sym[ELF64_R_SYM(rel[i].r_info)].st_name, "free") == 0)
-            *(void **)data = *(void **)(base + rel[i].r_offset);
+        if (strcmp(str + sym[ELF64_R_SYM(rel[i].r_info)].st_name, q->name) == 0)
+            q->value = *(void **)(base + rel[i].r_offset);
     return 1; /* the main program only: it comes first */
 }
 
@@ -112,15 +162,27 @@ int main(void) {
     printf("free:");
     for (int i = -12; i < 9; i++) printf(" %02x", entry[i]);
     printf("\n");
+    const unsigned char *m = (const unsigned char *)__libc_malloc;
+    printf("malloc:");
+    for (int i = 0; i < 33; i++) printf(" %02x", m[i]);
+    printf("\n");
+    errno = 0;
+    void *huge = malloc(SIZE_MAX - 4096);
+    printf("huge: %s\n", !huge && errno == ENOMEM ? "NULL ENOMEM" : "?");
     churn_small();
+    leak_other_ways();
+    churn_other_ways();
     leak_big();
     churn_big();
     churn_big_pointer();
     int aligned = churn_aligned();
-    void *slot = NULL;
     Dl_info where;
-    dl_iterate_phdr(find_slot, &slot);
-    printf("free slot: %s\n", slot && dladdr(slot, &where) ? where.dli_fname : "?");
+    const char *names[] = {"free", "malloc"};
+    for (int i = 0; i < 2; i++) {
+        struct slot_query q = {names[i], NULL};
+        dl_iterate_phdr(find_slot, &q);
+        printf("%s slot: %s\n", names[i], q.value && dladdr(q.value, &where) ? where.dli_fname : "?");
+    }
     printf("aligned %d\n", aligned);
     return 0;
 }

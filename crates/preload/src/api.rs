@@ -9,10 +9,10 @@
 //! returns NULL), and failed allocations (NULL, nothing recorded).
 
 use core::ffi::{c_char, c_int, c_void};
-use core::sync::atomic::Ordering::Relaxed;
+use core::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use crate::tracer::{self, Decision, FreeKind, Tls, HOT, TLS};
-use crate::{pool, real, sampled, sys, writer};
+use crate::{detour, pool, real, sampled, sys, writer};
 
 /// Charges `size` to the thread's countdown; true when no sample point was
 /// reached (the overwhelmingly common case).
@@ -157,11 +157,26 @@ fn is_free_candidate(p: *mut c_void) -> bool {
 /// interrupted allocation's size.
 macro_rules! countdown_entry {
     ($(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty, size = $size:literal, real = $real:path, slow = $slow:path) => {
+        countdown_entry!(@emit [], $(#[$doc])* $name($($arg: $ty),*) -> $ret,
+            size = $size, real = $real, slow = $slow, relay_to = $slow);
+    };
+    // The aligned allocators: an alignment (in register `$align`) below
+    // RELAY_ALIGN goes to `$to` without the countdown (detour.rs).
+    ($(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty, size = $size:literal, relay = $align:literal => $to:path, real = $real:path, slow = $slow:path) => {
+        countdown_entry!(@emit
+            [concat!("cmp ", $align, ", qword ptr [rip + {relay}]"), "jb {relay_to}"],
+            $(#[$doc])* $name($($arg: $ty),*) -> $ret,
+            size = $size, real = $real, slow = $slow, relay_to = $to);
+    };
+    (@emit [$($relay:expr),*], $(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty, size = $size:literal, real = $real:path, slow = $slow:path, relay_to = $to:path) => {
         $(#[$doc])*
         #[cfg_attr(not(test), unsafe(no_mangle))]
         #[unsafe(naked)]
         pub unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
             core::arch::naked_asm!(
+                // (Keeps the relay operands used in every hook.)
+                "/* {relay} {relay_to} */",
+                $($relay,)*
                 // The countdown is the first field of Tls (asserted in
                 // tracer.rs), at the thread pointer plus this offset.
                 "mov rax, qword ptr [rip + mtrace_rs_tls@GOTTPOFF]",
@@ -176,9 +191,63 @@ macro_rules! countdown_entry {
                 "jmp qword ptr [rip + {real}]",
                 real = sym $real,
                 slow = sym $slow,
+                relay = sym RELAY_ALIGN,
+                relay_to = sym $to,
             )
         }
     };
+}
+
+/// Alignments below this go from the aligned allocators' hooks to their
+/// `*_relay` functions without the countdown: 0 (none) unless detour.rs has
+/// made glibc's malloc charge the countdown itself, when it is 17. glibc's
+/// `memalign` and `posix_memalign` hand an alignment of at most 16 to its
+/// malloc, which would charge the allocation a second time; the relays call
+/// that malloc themselves, so that a sample taken there is recorded with
+/// the program's stack (the relay's own frame is the tracer's, which the
+/// capture skips; glibc's `posix_memalign` would have stayed in the stack).
+pub static RELAY_ALIGN: AtomicUsize = AtomicUsize::new(0);
+
+/// posix_memalign with an alignment below `RELAY_ALIGN`: glibc's checks (a
+/// power-of-two multiple of the pointer size), then its malloc, which
+/// charges the countdown.
+unsafe extern "C" fn posix_memalign_relay(
+    out: *mut *mut c_void,
+    align: usize,
+    size: usize,
+) -> c_int {
+    let word = core::mem::size_of::<usize>();
+    if align == 0 || !align.is_multiple_of(word) || !(align / word).is_power_of_two() {
+        return libc::EINVAL;
+    }
+    // SAFETY: allocating.
+    let p = unsafe { detour::charged_malloc(size) };
+    if p.is_null() {
+        return libc::ENOMEM;
+    }
+    // SAFETY: the caller's pointer for the result.
+    unsafe { *out = p };
+    0
+}
+
+/// memalign with an alignment below `RELAY_ALIGN`: glibc's malloc, as its
+/// memalign would call it.
+unsafe extern "C" fn memalign_relay(_align: usize, size: usize) -> *mut c_void {
+    // SAFETY: allocating.
+    unsafe { detour::charged_malloc(size) }
+}
+
+/// aligned_alloc with an alignment below `RELAY_ALIGN`: as memalign for a
+/// power of two; anything else to glibc's aligned_alloc, uncharged (glibc
+/// 2.36 hands it to its malloc, which charges it; later ones refuse it).
+unsafe extern "C" fn aligned_alloc_relay(align: usize, size: usize) -> *mut c_void {
+    if align.is_power_of_two() {
+        // SAFETY: allocating.
+        unsafe { detour::charged_malloc(size) }
+    } else {
+        // SAFETY: forwarding.
+        unsafe { real::aligned_alloc(align, size) }
+    }
 }
 
 countdown_entry! {
@@ -189,7 +258,7 @@ countdown_entry! {
 
 #[cold]
 #[inline(never)]
-unsafe extern "C" fn malloc_slow(size: usize) -> *mut c_void {
+pub(crate) unsafe extern "C" fn malloc_slow(size: usize) -> *mut c_void {
     TLS.with(|t| {
         let d = tracer::decide(t, size);
         let p = if align_for(d) {
@@ -573,7 +642,7 @@ fn record_aligned(
 countdown_entry! {
 /// # Safety
 /// As C's `posix_memalign`.
-    posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> c_int, size = "rdx", real = real::POSIX_MEMALIGN, slow = posix_memalign_checked
+    posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> c_int, size = "rdx", relay = "rsi" => posix_memalign_relay, real = real::POSIX_MEMALIGN, slow = posix_memalign_checked
 }
 
 /// posix_memalign's slow path, entered with its arguments untouched.
@@ -611,7 +680,7 @@ unsafe extern "C" fn posix_memalign_checked(
 countdown_entry! {
 /// # Safety
 /// As C's `aligned_alloc`.
-    aligned_alloc(align: usize, size: usize) -> *mut c_void, size = "rsi", real = real::ALIGNED_ALLOC, slow = aligned_alloc_checked
+    aligned_alloc(align: usize, size: usize) -> *mut c_void, size = "rsi", relay = "rdi" => aligned_alloc_relay, real = real::ALIGNED_ALLOC, slow = aligned_alloc_checked
 }
 
 /// aligned_alloc's slow path, entered with its arguments untouched.
@@ -622,16 +691,37 @@ unsafe extern "C" fn aligned_alloc_checked(align: usize, size: usize) -> *mut c_
         // SAFETY: forwarding.
         return unsafe { real::aligned_alloc(align, size) };
     }
+    // glibc up to 2.37 makes aligned_alloc its memalign (the same
+    // function), which takes any alignment; later ones refuse an alignment
+    // that is not a power of two.
+    let same = real::ALIGNED_ALLOC.load(Relaxed) == real::MEMALIGN.load(Relaxed);
+    let unit = if same {
+        memalign_unit(align)
+    } else {
+        align.is_power_of_two().then_some(align)
+    };
     // SAFETY: forwarding.
-    aligned_slow(size, align, align.is_power_of_two(), |a, n| unsafe {
+    aligned_slow(size, unit.unwrap_or(align), unit.is_some(), |a, n| unsafe {
         real::aligned_alloc(a, n)
     })
+}
+
+/// The alignment glibc's memalign gives a request for `align`: malloc's 16
+/// up to 16, the next power of two above; None beyond 2^63, which it
+/// refuses (EINVAL). Sampled and exact mode record such blocks as glibc
+/// makes them, rather than pass them on unrecorded.
+fn memalign_unit(align: usize) -> Option<usize> {
+    if align <= 16 {
+        Some(16)
+    } else {
+        align.checked_next_power_of_two()
+    }
 }
 
 countdown_entry! {
 /// # Safety
 /// As glibc's `memalign`.
-    memalign(align: usize, size: usize) -> *mut c_void, size = "rsi", real = real::MEMALIGN, slow = memalign_checked
+    memalign(align: usize, size: usize) -> *mut c_void, size = "rsi", relay = "rdi" => memalign_relay, real = real::MEMALIGN, slow = memalign_checked
 }
 
 /// memalign's slow path, entered with its arguments untouched.
@@ -642,8 +732,9 @@ unsafe extern "C" fn memalign_checked(align: usize, size: usize) -> *mut c_void 
         // SAFETY: forwarding.
         return unsafe { real::memalign(align, size) };
     }
+    let unit = memalign_unit(align);
     // SAFETY: forwarding.
-    aligned_slow(size, align, align.is_power_of_two(), |a, n| unsafe {
+    aligned_slow(size, unit.unwrap_or(align), unit.is_some(), |a, n| unsafe {
         real::memalign(a, n)
     })
 }

@@ -1,15 +1,18 @@
 //! Sampled mode under glibc: glibc's own `free` tells the candidates for a
-//! sampled block apart, and the program calls it directly.
+//! sampled block apart, glibc's own `malloc` charges the sampling
+//! countdown, and the program calls both directly.
 //!
 //! Interposition has a price of its own, whatever the hook does: each call
 //! takes one more jump, into the preloaded object and on to glibc. Same-core
 //! pairs of the 1-thread churn (benches/pair.py) put it at 0.6-0.7% of the
 //! run's CPU time for a forwarder that does nothing else, a third of it
-//! free's (the churn frees a block in 83 iterations of 100). free's whole
-//! job in sampled mode is one test of the pointer, and glibc's free starts
-//! with a test of the pointer too (`if (mem == 0) return;`), so the two can
-//! be one: where glibc's first bytes are the shape we know, they are
-//! rewritten from
+//! free's (the churn frees a block in 83 iterations of 100) and half of it
+//! malloc's.
+//!
+//! **free.** Its whole job in sampled mode is one test of the pointer, and
+//! glibc's free starts with a test of the pointer too (`if (mem == 0)
+//! return;`), so the two can be one: where glibc's first bytes are the shape
+//! we know, they are rewritten from
 //!
 //! ```text
 //!     test %rdi,%rdi ; je <ret>           48 85 ff  0f 84 rel32
@@ -28,27 +31,53 @@
 //! once in 2048) go to the slow path, which returns for NULL and forwards an
 //! ordinary block past the test (`real::FREE` then holds the instruction
 //! after it); everything else runs glibc's free as before, with no
-//! instruction more. Then the PLT slots for `free` of the objects loaded at
-//! start-up are pointed at glibc's free instead of our hook (`rebind`). The
-//! hook stays, and stays right, for whatever still reaches it: its test is
-//! the same, and it jumps past glibc's. That is objects loaded later, an
-//! object that takes free's address (it calls through that address's GOT
-//! slot, which must hold the same address in every object), and function
-//! pointers taken before; objects of another namespace (`LD_AUDIT`,
-//! `dlmopen`), which may have a C library of their own, are left alone.
+//! instruction more.
+//!
+//! **malloc.** Its hook charges the size to the thread's countdown and goes
+//! on to glibc's malloc, which starts with two checks of its own after its
+//! prologue: `__malloc_initialized` (set by its first call, never cleared)
+//! and a size of 2^63 or more (ENOMEM). Those 22 bytes become the hook's
+//! countdown, `sub %rbx,%fs:off; jbe <stub>` and a 7-byte nop (the hook's
+//! three instructions in place of glibc's four). The stub (`malloc_sample`)
+//! puts the charge back, takes glibc's frame down and goes to the hook's
+//! slow path, whose size check a size of 2^63 or more reaches as well (it
+//! always takes the slow path). The calls that must not charge the countdown
+//! (the hook's own, which charged it already, and the tracer's) go to
+//! `malloc_unsampled`, the prologue and the size check again, then glibc
+//! past the rewritten bytes (`real::MALLOC`). glibc calls its malloc itself
+//! from `memalign` and `posix_memalign` (an alignment of at most 16) and
+//! from `realloc`: the aligned hooks then hand those alignments to their
+//! relays uncharged (`api::RELAY_ALIGN`), which call glibc's malloc from the
+//! tracer's frame (so that a sample keeps the program's stack), and realloc
+//! of NULL goes to the malloc hook as before. What glibc's realloc still
+//! does itself, calling malloc when `mremap` fails on a mapped block or an
+//! arena is out of memory, is charged twice: a higher chance of a sample
+//! for those rare blocks.
+//!
+//! Then the PLT slots for `free` and `malloc` of the objects loaded at
+//! start-up are pointed at glibc's functions instead of our hooks
+//! (`rebind`). The hooks stay, and stay right, for whatever still reaches
+//! them: free's test is the same, and it jumps past glibc's; malloc's
+//! charges the countdown and jumps past glibc's. That is objects loaded
+//! later, an object that takes the function's address (it calls through
+//! that address's GOT slot, which must hold the same address in every
+//! object), and function pointers taken before; objects of another
+//! namespace (`LD_AUDIT`, `dlmopen`), which may have a C library of their
+//! own, are left alone.
 //!
 //! Nothing is rewritten unless every condition holds: sampled mode (exact
-//! mode sees every free), glibc is the next allocator and the program's
-//! `free` is ours, one thread, the bytes are what we expect (glibc 2.36 as
-//! Debian 12 builds it), the jump reaches, the system lets us write the code
-//! (W^X policies may not), and `MTRACE_RS_DETOUR` is not 0. Otherwise the
-//! interposed hook does the work, as everywhere else. Under Valgrind, which
-//! runs its own translations of code that has run, the rewrite asks it to
-//! drop them (`sys::discard_translations`): glibc's free may have run before
-//! the tracer's constructor (another library's constructor frees a block).
+//! mode sees every call), glibc is the next allocator and the program's
+//! function is ours, one thread, the bytes are what we expect (glibc 2.36
+//! as Debian 12 builds it), the jumps reach, the system lets us write the
+//! code (W^X policies may not), and `MTRACE_RS_DETOUR` is not 0. Otherwise
+//! the interposed hooks do the work, as everywhere else. Under Valgrind,
+//! which runs its own translations of code that has run, the rewrite asks
+//! it to drop them (`sys::discard_translations`): glibc's free may have run
+//! before the tracer's constructor (another library's constructor frees a
+//! block).
 
 use core::ffi::c_void;
-use core::sync::atomic::Ordering::*;
+use core::sync::atomic::{AtomicUsize, Ordering::*};
 
 use crate::{api, real, sampled, sys};
 
@@ -146,6 +175,162 @@ pub fn free() -> bool {
     rebind(b"free", hook, entry);
     true
 }
+
+/// glibc's malloc (`__libc_malloc`), its first 33 bytes in hex as for
+/// [`matches`]: the prologue (`push %r12; push %rbp; push %rbx; mov
+/// %rdi,%rbx; sub $0x10,%rsp`), then its two checks, `cmpb
+/// $0,__malloc_initialized(%rip); je <init>` and `test %rbx,%rbx; js <fail>`
+/// (a size of 2^63 or more fails with ENOMEM).
+const MALLOC_START: &str = "41 54 55 53 48 89 fb 48 83 ec 10 \
+    80 3d ?? ?? ?? ?? 00 0f 84 ?? ?? ?? ?? 48 85 db 0f 88 ?? ?? ?? ??";
+/// Where the checks start in `MALLOC_START`, and how long they are.
+const MALLOC_CHECKS: usize = 11;
+const MALLOC_CHECKS_LEN: usize = 22;
+
+/// Where glibc's malloc goes on after its checks (its entry plus 33), and
+/// where its size check sends a size of 2^63 or more.
+static MALLOC_GO_ON: AtomicUsize = AtomicUsize::new(0);
+static MALLOC_FAIL: AtomicUsize = AtomicUsize::new(0);
+/// glibc's malloc entry, once rewritten: the calls that should charge the
+/// countdown (`charged_malloc`).
+static MALLOC_CHARGED: AtomicUsize = AtomicUsize::new(0);
+
+/// Allocates through glibc's rewritten malloc, which charges the countdown
+/// and may take a sample, as a call from the program would. Only once
+/// `malloc` has rewritten it (the aligned allocators' relays, reached only
+/// then).
+///
+/// # Safety
+/// As C's `malloc`.
+pub unsafe fn charged_malloc(size: usize) -> *mut c_void {
+    let f = MALLOC_CHARGED.load(Acquire);
+    debug_assert!(f != 0);
+    // SAFETY: glibc's malloc entry.
+    unsafe { core::mem::transmute::<usize, unsafe extern "C" fn(usize) -> *mut c_void>(f)(size) }
+}
+
+/// glibc's malloc as it was, for the calls that must not charge the
+/// countdown (the hook's, after it charged it, and the tracer's own): the
+/// prologue and the size check here, the rest in glibc past the rewritten
+/// bytes. (`__malloc_initialized` is set before the rewrite and stays set.)
+#[unsafe(naked)]
+unsafe extern "C" fn malloc_unsampled(size: usize) -> *mut c_void {
+    core::arch::naked_asm!(
+        "push r12",
+        "push rbp",
+        "push rbx",
+        "mov rbx, rdi",
+        "sub rsp, 16",
+        "test rbx, rbx",
+        "js 2f",
+        "jmp qword ptr [rip + {go_on}]",
+        "2:",
+        "jmp qword ptr [rip + {fail}]",
+        go_on = sym MALLOC_GO_ON,
+        fail = sym MALLOC_FAIL,
+    )
+}
+
+/// Where glibc's rewritten malloc goes when its countdown reaches the
+/// sample point (or the size is absurd): the countdown is put back, glibc's
+/// frame taken down, and the hook's slow path called as the program called
+/// malloc (`rdi` is still the size; glibc's prologue only copied it).
+#[unsafe(naked)]
+unsafe extern "C" fn malloc_sample() {
+    core::arch::naked_asm!(
+        "mov rax, qword ptr [rip + mtrace_rs_tls@GOTTPOFF]",
+        "add qword ptr fs:[rax], rbx",
+        "add rsp, 16",
+        "pop rbx",
+        "pop rbp",
+        "pop r12",
+        "jmp {slow}",
+        slow = sym api::malloc_slow,
+    )
+}
+
+/// The offset of the thread's countdown from the thread pointer, as the
+/// hooks load it.
+#[unsafe(naked)]
+extern "C" fn countdown_offset() -> isize {
+    core::arch::naked_asm!("mov rax, qword ptr [rip + mtrace_rs_tls@GOTTPOFF]", "ret")
+}
+
+/// The 22 bytes that replace malloc's checks at `at`: `sub %rbx,%fs:off`
+/// (the countdown, charged the size in place, as the hook does), `jbe rel32`
+/// to `stub` (the sample point reached, or a size of 2^63 or more), and a
+/// 7-byte `nopl 0x0(%rax)`. None when the jump does not reach.
+fn malloc_checks(at: usize, off: i32, stub: usize) -> Option<[u8; MALLOC_CHECKS_LEN]> {
+    let d = i32::try_from((stub as i64).wrapping_sub(at as i64 + 15)).ok()?;
+    let mut new = [0u8; MALLOC_CHECKS_LEN];
+    new[..5].copy_from_slice(&[0x64, 0x48, 0x29, 0x1c, 0x25]);
+    new[5..9].copy_from_slice(&off.to_le_bytes());
+    new[9..11].copy_from_slice(&[0x0f, 0x86]);
+    new[11..15].copy_from_slice(&d.to_le_bytes());
+    new[15..].copy_from_slice(&[0x0f, 0x1f, 0x80, 0, 0, 0, 0]);
+    Some(new)
+}
+
+/// glibc's malloc charges the countdown itself, and the program calls it
+/// directly: its two checks become the hook's countdown (see the module's
+/// documentation); true if done. The caller checks the mode, the allocator
+/// and the thread count.
+pub fn malloc() -> bool {
+    let hook = api::malloc as *const () as usize;
+    // SAFETY: dlsym with a NUL-terminated name.
+    let bound = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"malloc".as_ptr()) } as usize;
+    if bound != hook {
+        return false;
+    }
+    let entry = real::MALLOC.load(Acquire) as usize;
+    let len = pattern_len(MALLOC_START);
+    let Some((_, hi)) = exec_segment(entry) else {
+        return false;
+    };
+    if entry + len > hi {
+        return false;
+    }
+    // SAFETY: inside the executable segment, checked just above.
+    let code = unsafe { core::slice::from_raw_parts(entry as *const u8, len) };
+    if !matches(code, MALLOC_START) {
+        return false;
+    }
+    let fail =
+        (entry + len).wrapping_add(
+            i32::from_le_bytes([code[29], code[30], code[31], code[32]]) as isize as usize
+        );
+    let Ok(off) = i32::try_from(countdown_offset()) else {
+        return false;
+    };
+    let checks = entry + MALLOC_CHECKS;
+    let Some(new) = malloc_checks(checks, off, malloc_sample as *const () as usize) else {
+        return false;
+    };
+    // The check of `__malloc_initialized` goes: glibc's first malloc sets
+    // it, and nothing clears it.
+    // SAFETY: a real allocation, freed at once.
+    unsafe { real::free(real::malloc(1)) };
+    MALLOC_GO_ON.store(entry + len, Release);
+    MALLOC_FAIL.store(fail, Release);
+    // The hook and the tracer call past the countdown from now on.
+    real::MALLOC.store(malloc_unsampled as *mut (), Release);
+    // SAFETY: one thread (the caller's check); nothing runs glibc's malloc
+    // while it changes.
+    if !unsafe { crate::patch::write_code(&[(checks, &new)]) } {
+        real::MALLOC.store(entry as *mut (), Release);
+        return false;
+    }
+    MALLOC_CHARGED.store(entry, Release);
+    api::RELAY_ALIGN.store(MALLOC_RELAY, Release);
+    rebind(b"malloc", hook, entry);
+    true
+}
+
+/// glibc's `memalign` (and `aligned_alloc`, the same function in 2.36) and
+/// `posix_memalign` hand an alignment of at most 16 (`MALLOC_ALIGNMENT`)
+/// to its malloc: once that charges the countdown, the hooks pass them on
+/// uncharged (`api::RELAY_ALIGN`).
+const MALLOC_RELAY: usize = 17;
 
 #[repr(C)]
 struct Dyn {

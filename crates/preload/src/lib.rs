@@ -76,6 +76,7 @@ extern "C" fn init() {
         // Before the writer thread exists: patching needs a single thread.
         if cfg.detour && !cfg.exact() && real::next_is_glibc() && patch::single_threaded() {
             detour::free();
+            detour::malloc();
         }
         patch::apply();
         if !stacks::init() || (!cfg.exact() && !sampled::init()) {
