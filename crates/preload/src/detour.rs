@@ -21,7 +21,7 @@
 //! to
 //!
 //! ```text
-//!     test $0xffef,%di ; je <pad> ; nop   66 f7 c7 ef ff  74 f2  66 90
+//!     test $0xffef,%edi ; je <pad>        40 f7 c7 ef ff 00 00  74 f0
 //! ```
 //!
 //! where `<pad>`, the seven bytes of padding just before the function
@@ -81,7 +81,7 @@ use core::sync::atomic::{AtomicUsize, Ordering::*};
 
 use crate::{api, real, sampled, sys};
 
-/// The test's immediate is the free hook's mask, as a 16-bit operand.
+/// The test's immediate is the free hook's mask (zero-extended to 32 bits).
 const _: () = assert!(sampled::CANDIDATE_MASK == 0xffef);
 
 /// glibc's free: `test %rdi,%rdi; je rel32` (its NULL check), preceded by
@@ -91,8 +91,10 @@ const FREE_BEFORE: &str = "e8 ?? ?? ?? ?? 0f 1f 80 00 00 00 00 48 85 ff 0f 84 ??
 /// Where glibc's entry is in `FREE_BEFORE`.
 const FREE_AT: usize = 12;
 /// The bytes of the new test at the entry (9, as many as it replaces):
-/// `test $0xffef,%di; je -14; xchg %ax,%ax`.
-const FREE_TEST: [u8; 9] = [0x66, 0xf7, 0xc7, 0xef, 0xff, 0x74, 0xf2, 0x66, 0x90];
+/// `test $0xffef,%edi; je -16`, the test with an empty REX prefix (`40`),
+/// which makes it 7 bytes long and the two instructions fill the 9 with no
+/// `nop` to run (a 16-bit test and a `nop` did, once a free).
+const FREE_TEST: [u8; 9] = [0x40, 0xf7, 0xc7, 0xef, 0xff, 0x00, 0x00, 0x74, 0xf0];
 
 /// Whether `code` is `pattern`: bytes in hex, separated by spaces, `??`
 /// for any byte.
@@ -600,10 +602,13 @@ mod tests {
 
     #[test]
     fn the_new_test_jumps_back_to_the_padding() {
-        // je rel8 at entry + 5, two bytes long: its target is 7 bytes before
+        // je rel8 at entry + 7, two bytes long: its target is 7 bytes before
         // the entry, where the padding's jump is.
-        let rel = FREE_TEST[6] as i8 as isize;
-        assert_eq!(5 + 2 + rel, -7);
+        let rel = FREE_TEST[8] as i8 as isize;
+        assert_eq!(7 + 2 + rel, -7);
+        // The test's immediate is the mask, zero-extended to 32 bits.
+        let imm = u32::from_le_bytes([FREE_TEST[3], FREE_TEST[4], FREE_TEST[5], FREE_TEST[6]]);
+        assert_eq!(imm as usize, sampled::CANDIDATE_MASK);
         assert_eq!(FREE_TEST.len(), 9, "as long as glibc's test and je");
     }
 }
