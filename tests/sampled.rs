@@ -169,11 +169,10 @@ fn detour_traces_exactly(exe: &std::path::Path, scratch: &Scratch) {
             .unwrap_or("");
         let line = |prefix: &str| line_of(&text, prefix);
         let (malloc, malloc_slot) = (line("malloc: "), line("malloc slot: "));
-        assert_eq!(
-            line("huge: "),
-            "NULL ENOMEM",
-            "{name}: malloc(SIZE_MAX - 4096)"
-        );
+        let (calloc, calloc_slot) = (line("calloc: "), line("calloc slot: "));
+        for what in ["huge", "overflow", "huge calloc"] {
+            assert_eq!(line(&format!("{what}: ")), "NULL ENOMEM", "{name}: {what}");
+        }
         if rewritten {
             assert!(
                 e.ends_with(" 40 f7 c7 ef ff 00 00 74 f0"),
@@ -193,6 +192,19 @@ fn detour_traces_exactly(exe: &std::path::Path, scratch: &Scratch) {
                 malloc_slot.contains("libc.so"),
                 "{name}: malloc's PLT slot not rebound: {text}"
             );
+            // The checks of the product replaced by `mov %rax,%rbx; jo`,
+            // the countdown and 16 bytes of nops.
+            assert!(
+                calloc
+                    .starts_with("41 55 48 89 f8 41 54 55 53 48 83 ec 18 48 f7 e6 48 89 c3 0f 80 ")
+                    && calloc.contains(" 64 48 29 1c 25 ")
+                    && calloc.ends_with(" 0f 1f 80 00 00 00 00"),
+                "{name}: glibc's calloc not rewritten: {calloc}"
+            );
+            assert!(
+                calloc_slot.contains("libc.so"),
+                "{name}: calloc's PLT slot not rebound: {text}"
+            );
         } else {
             assert_eq!(e, bare_entry, "{name}: glibc's free changed");
             assert!(
@@ -208,6 +220,15 @@ fn detour_traces_exactly(exe: &std::path::Path, scratch: &Scratch) {
                 malloc_slot.contains("libmtrace_rs.so"),
                 "{name}: malloc's PLT slot moved: {text}"
             );
+            assert_eq!(
+                calloc,
+                line_of(&bare_text, "calloc: "),
+                "{name}: glibc's calloc changed"
+            );
+            assert!(
+                calloc_slot.contains("libmtrace_rs.so"),
+                "{name}: calloc's PLT slot moved: {text}"
+            );
         }
         let report = mtrace_rs_tests::analyze(&tracer.only_trace());
         assert_detour_trace(&report, &name);
@@ -217,8 +238,8 @@ fn detour_traces_exactly(exe: &std::path::Path, scratch: &Scratch) {
     }
 }
 
-/// The rewritten malloc and free must charge the countdown exactly as the
-/// hooks do: with the same seed, a rate at which detour.c takes about a
+/// The rewritten malloc, calloc and free must charge the countdown exactly
+/// as the hooks do: with the same seed, a rate at which detour.c takes about a
 /// thousand samples must take the same ones with and without the rewrite
 /// (the same sampled allocations and frees, by caller). A way to malloc
 /// charged twice (glibc's memalign and realloc call its malloc) or not at
@@ -282,6 +303,11 @@ fn assert_detour_trace(report: &mtrace_rs_tests::Report, name: &str) {
     assert_eq!(
         report.held_by("leak_other_ways"),
         (5 << 20, 5),
+        "{name}: {summary}"
+    );
+    assert_eq!(
+        report.held_by("leak_calloc"),
+        (2 << 20, 2),
         "{name}: {summary}"
     );
     for site in [

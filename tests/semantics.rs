@@ -70,8 +70,8 @@ fn glibc_semantics_are_identical_bare_exact_and_sampled_every_64_bytes() {
 /// patch.rs points each hook's hot-path jump straight at the real function
 /// when the constructor runs single-threaded: under the tracer, every hook the
 /// program calls is ours and its jump lands in libc, in every mode (malloc's
-/// on the way past glibc's rewritten malloc where detour.rs rewrote it); and
-/// the program's allocations through every hook work.
+/// and calloc's on the way past glibc's rewritten code where detour.rs
+/// rewrote it); and the program's allocations through every hook work.
 #[test]
 fn every_hook_jumps_straight_to_libc_once_patched() {
     let scratch = Scratch::new("hook-jumps");
@@ -95,11 +95,12 @@ fn every_hook_jumps_straight_to_libc_once_patched() {
         for line in hooks {
             let (hook, target) = line.split_once(" -> ").unwrap();
             assert!(hook.contains("libmtrace_rs.so"), "{mode}: {line}");
-            // Where detour.rs made glibc's malloc charge the countdown
-            // (sampled mode, glibc 2.36 as Debian builds it), the hook,
-            // which charged it already, goes past that through a copy of
-            // glibc's prologue in our library.
-            let detoured = mode == "default" && hook.starts_with("malloc ");
+            // Where detour.rs made glibc's malloc and calloc charge the
+            // countdown (sampled mode, glibc 2.36 as Debian builds it),
+            // their hooks, which charged it already, go past that through a
+            // copy of glibc's prologue in our library.
+            let detoured =
+                mode == "default" && (hook.starts_with("malloc ") || hook.starts_with("calloc "));
             assert!(
                 target.contains("libc.so") || (detoured && target.contains("libmtrace_rs.so")),
                 "{mode}: not patched: {line}"

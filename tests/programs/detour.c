@@ -4,10 +4,12 @@
  *
  *     free: e8 .. .. .. .. 0f 1f 80 00 00 00 00 48 85 ff 0f 84 .. .. .. ..
  *     malloc: 41 54 55 53 48 89 fb 48 83 ec 10 80 3d .. .. .. .. 00 0f 84 ..
+ *     calloc: 41 55 48 89 f8 41 54 55 53 48 83 ec 18 48 f7 e6 48 89 c3 ..
  *
- * (12 bytes before __libc_free, 9 from it; the first 33 of __libc_malloc),
- * and after the calls, which objects the program's own PLT slots for free and
- * malloc point into (the tracer's library, or libc once detour.rs has
+ * (12 bytes before __libc_free, 9 from it; the first 33 of __libc_malloc,
+ * the first 56 of __libc_calloc),
+ * and after the calls, which objects the program's own PLT slots for free,
+ * malloc and calloc point into (the tracer's library, or libc once detour.rs has
  * pointed them there):
  *
  *     free slot: /lib/x86_64-linux-gnu/libc.so.6
@@ -33,6 +35,14 @@ Then: blocks of 1 MiB, at least
 
 extern void __libc_free(void *);
 extern void *__libc_malloc(size_t);
+extern void *__libc_calloc(size_t, size_t);
+
+/* Whether `n` bytes at `p` are all zero. */
+static int zeroed(const unsigned char *p, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (p[i]) return 0;
+    return 1;
+}
 
 /* 1 MiB blocks (always recorded at the default rate) through the ways to
  * malloc that do not go through the program's PLT slot for malloc: a
@@ -50,6 +60,16 @@ NOINLINE void leak_other_ways(void) {
     keep(p), keep(q), keep(r), keep(s), keep(t);
 }
 
+/* calloc through the PLT, 1 MiB twice, each zeroed; dirtied so that
+ * recycled memory would show. */
+NOINLINE void leak_calloc(void) {
+    for (int i = 0; i < 2; i++) {
+        unsigned char *p = calloc(1 << 10, 1 << 10);
+        if (!p || !zeroed(p, 1 << 20)) abort();
+        keep(p);
+    }
+}
+
 /* The same ways with small and medium blocks, all freed: they move the
  * countdown, so a way charged twice (or not at all) moves every later
  * sample point. */
@@ -59,15 +79,17 @@ NOINLINE void churn_other_ways(void) {
     for (int i = 0; i < 20000; i++) {
         size_t n = 16 + xorshift64(&seed) % 4000;
         void *p = NULL;
-        switch (i % 6) {
+        switch (i % 7) {
         case 0: p = get(n); break;
         case 1: p = realloc(NULL, n); break;
         case 2: p = memalign(i % 12 == 2 ? 0 : 16, n); break;
         case 3: p = aligned_alloc(16, n); break;
         case 4: if (posix_memalign(&p, i % 12 == 4 ? 8 : 16, n) != 0) abort(); break;
+        case 5: p = calloc(1 + i % 3, n); if (p && !zeroed(p, n)) abort(); break;
         default: p = malloc(n); break;
         }
         if (!p) abort();
+        memset(p, 0xab, n);
         keep(p);
         free(p);
     }
@@ -166,19 +188,32 @@ int main(void) {
     printf("malloc:");
     for (int i = 0; i < 33; i++) printf(" %02x", m[i]);
     printf("\n");
+    const unsigned char *c = (const unsigned char *)__libc_calloc;
+    printf("calloc:");
+    for (int i = 0; i < 56; i++) printf(" %02x", c[i]);
+    printf("\n");
+    /* Sizes glibc refuses: 2^63 or more, and a product that overflows. */
+    size_t volatile big = SIZE_MAX - 4096, half = SIZE_MAX / 2;
     errno = 0;
-    void *huge = malloc(SIZE_MAX - 4096);
+    void *huge = malloc(big);
     printf("huge: %s\n", !huge && errno == ENOMEM ? "NULL ENOMEM" : "?");
+    errno = 0;
+    void *over = calloc(half, 4);
+    printf("overflow: %s\n", !over && errno == ENOMEM ? "NULL ENOMEM" : "?");
+    errno = 0;
+    void *huge_calloc = calloc(1, big);
+    printf("huge calloc: %s\n", !huge_calloc && errno == ENOMEM ? "NULL ENOMEM" : "?");
     churn_small();
     leak_other_ways();
+    leak_calloc();
     churn_other_ways();
     leak_big();
     churn_big();
     churn_big_pointer();
     int aligned = churn_aligned();
     Dl_info where;
-    const char *names[] = {"free", "malloc"};
-    for (int i = 0; i < 2; i++) {
+    const char *names[] = {"free", "malloc", "calloc"};
+    for (int i = 0; i < 3; i++) {
         struct slot_query q = {names[i], NULL};
         dl_iterate_phdr(find_slot, &q);
         printf("%s slot: %s\n", names[i], q.value && dladdr(q.value, &where) ? where.dli_fname : "?");

@@ -306,7 +306,7 @@ pub unsafe extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
 /// calloc's slow path, entered with calloc's arguments untouched.
 #[cold]
 #[inline(never)]
-unsafe extern "C" fn calloc_checked(n: usize, size: usize) -> *mut c_void {
+pub(crate) unsafe extern "C" fn calloc_checked(n: usize, size: usize) -> *mut c_void {
     let Some(total) = n.checked_mul(size) else {
         // SAFETY: the real calloc reports the overflow (NULL, ENOMEM).
         return unsafe { real::calloc(n, size) };

@@ -1,6 +1,6 @@
 //! Sampled mode under glibc: glibc's own `free` tells the candidates for a
-//! sampled block apart, glibc's own `malloc` charges the sampling
-//! countdown, and the program calls both directly.
+//! sampled block apart, glibc's own `malloc` and `calloc` charge the
+//! sampling countdown, and the program calls them directly.
 //!
 //! Interposition has a price of its own, whatever the hook does: each call
 //! takes one more jump, into the preloaded object and on to glibc. Same-core
@@ -54,11 +54,18 @@
 //! arena is out of memory, is charged twice: a higher chance of a sample
 //! for those rare blocks.
 //!
-//! Then the PLT slots for `free` and `malloc` of the objects loaded at
-//! start-up are pointed at glibc's functions instead of our hooks
+//! **calloc.** The same: after its prologue (which multiplies the two
+//! arguments) glibc checks the product (an overflow, 2^63 or more) and
+//! `__malloc_initialized`, 40 bytes that become `mov %rax,%rbx; jo <fail>`,
+//! the countdown (which sends 2^63 or more to the slow path, and on to
+//! glibc's checks) and 16 bytes of nops. glibc does not call its calloc
+//! itself.
+//!
+//! Then the PLT slots for `free`, `malloc` and `calloc` of the objects
+//! loaded at start-up are pointed at glibc's functions instead of our hooks
 //! (`rebind`). The hooks stay, and stay right, for whatever still reaches
-//! them: free's test is the same, and it jumps past glibc's; malloc's
-//! charges the countdown and jumps past glibc's. That is objects loaded
+//! them: free's test is the same, and it jumps past glibc's; malloc's and
+//! calloc's charge the countdown and go past glibc's. That is objects loaded
 //! later, an object that takes the function's address (it calls through
 //! that address's GOT slot, which must hold the same address in every
 //! object), and function pointers taken before; objects of another
@@ -77,7 +84,7 @@
 //! block).
 
 use core::ffi::c_void;
-use core::sync::atomic::{AtomicUsize, Ordering::*};
+use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering::*};
 
 use crate::{api, real, sampled, sys};
 
@@ -185,14 +192,24 @@ pub fn free() -> bool {
 /// (a size of 2^63 or more fails with ENOMEM).
 const MALLOC_START: &str = "41 54 55 53 48 89 fb 48 83 ec 10 \
     80 3d ?? ?? ?? ?? 00 0f 84 ?? ?? ?? ?? 48 85 db 0f 88 ?? ?? ?? ??";
-/// Where the checks start in `MALLOC_START`, and how long they are.
-const MALLOC_CHECKS: usize = 11;
-const MALLOC_CHECKS_LEN: usize = 22;
 
-/// Where glibc's malloc goes on after its checks (its entry plus 33), and
-/// where its size check sends a size of 2^63 or more.
+/// glibc's calloc (`__libc_calloc`), its first 56 bytes: the prologue
+/// (`push %r13; mov %rdi,%rax; push %r12; push %rbp; push %rbx; sub
+/// $0x18,%rsp; mul %rsi`), then its checks of the product: `mov %rax,%rbx;
+/// seto %al; test %rbx,%rbx; js <fail>; movzbl %al,%eax; test %rax,%rax;
+/// jne <fail>` (an overflow, or 2^63 or more), and `cmpb
+/// $0,__malloc_initialized(%rip); je <init>`.
+const CALLOC_START: &str = "41 55 48 89 f8 41 54 55 53 48 83 ec 18 48 f7 e6 \
+    48 89 c3 0f 90 c0 48 85 db 0f 88 ?? ?? ?? ?? 0f b6 c0 48 85 c0 0f 85 ?? ?? ?? ?? \
+    80 3d ?? ?? ?? ?? 00 0f 84 ?? ?? ?? ??";
+
+/// Where glibc's malloc and calloc go on after their checks (their entry
+/// plus the pattern's length), and where their size checks send a size of
+/// 2^63 or more (or calloc's overflow).
 static MALLOC_GO_ON: AtomicUsize = AtomicUsize::new(0);
 static MALLOC_FAIL: AtomicUsize = AtomicUsize::new(0);
+static CALLOC_GO_ON: AtomicUsize = AtomicUsize::new(0);
+static CALLOC_FAIL: AtomicUsize = AtomicUsize::new(0);
 /// glibc's malloc entry, once rewritten: the calls that should charge the
 /// countdown (`charged_malloc`).
 static MALLOC_CHARGED: AtomicUsize = AtomicUsize::new(0);
@@ -233,6 +250,32 @@ unsafe extern "C" fn malloc_unsampled(size: usize) -> *mut c_void {
     )
 }
 
+/// glibc's calloc as it was, as `malloc_unsampled` is malloc.
+#[unsafe(naked)]
+unsafe extern "C" fn calloc_unsampled(n: usize, size: usize) -> *mut c_void {
+    core::arch::naked_asm!(
+        "push r13",
+        "mov rax, rdi",
+        "push r12",
+        "push rbp",
+        "push rbx",
+        "sub rsp, 24",
+        "mul rsi",
+        "mov rbx, rax",
+        "seto al",
+        "test rbx, rbx",
+        "js 2f",
+        "movzx eax, al",
+        "test rax, rax",
+        "jne 2f",
+        "jmp qword ptr [rip + {go_on}]",
+        "2:",
+        "jmp qword ptr [rip + {fail}]",
+        go_on = sym CALLOC_GO_ON,
+        fail = sym CALLOC_FAIL,
+    )
+}
+
 /// Where glibc's rewritten malloc goes when its countdown reaches the
 /// sample point (or the size is absurd): the countdown is put back, glibc's
 /// frame taken down, and the hook's slow path called as the program called
@@ -251,6 +294,23 @@ unsafe extern "C" fn malloc_sample() {
     )
 }
 
+/// calloc's, as `malloc_sample` is malloc's (`rdi` and `rsi` are still the
+/// program's: the prologue copied one and multiplied by the other).
+#[unsafe(naked)]
+unsafe extern "C" fn calloc_sample() {
+    core::arch::naked_asm!(
+        "mov rax, qword ptr [rip + mtrace_rs_tls@GOTTPOFF]",
+        "add qword ptr fs:[rax], rbx",
+        "add rsp, 24",
+        "pop rbx",
+        "pop rbp",
+        "pop r12",
+        "pop r13",
+        "jmp {slow}",
+        slow = sym api::calloc_checked,
+    )
+}
+
 /// The offset of the thread's countdown from the thread pointer, as the
 /// hooks load it.
 #[unsafe(naked)]
@@ -258,19 +318,125 @@ extern "C" fn countdown_offset() -> isize {
     core::arch::naked_asm!("mov rax, qword ptr [rip + mtrace_rs_tls@GOTTPOFF]", "ret")
 }
 
-/// The 22 bytes that replace malloc's checks at `at`: `sub %rbx,%fs:off`
-/// (the countdown, charged the size in place, as the hook does), `jbe rel32`
-/// to `stub` (the sample point reached, or a size of 2^63 or more), and a
-/// 7-byte `nopl 0x0(%rax)`. None when the jump does not reach.
-fn malloc_checks(at: usize, off: i32, stub: usize) -> Option<[u8; MALLOC_CHECKS_LEN]> {
-    let d = i32::try_from((stub as i64).wrapping_sub(at as i64 + 15)).ok()?;
-    let mut new = [0u8; MALLOC_CHECKS_LEN];
-    new[..5].copy_from_slice(&[0x64, 0x48, 0x29, 0x1c, 0x25]);
-    new[5..9].copy_from_slice(&off.to_le_bytes());
-    new[9..11].copy_from_slice(&[0x0f, 0x86]);
-    new[11..15].copy_from_slice(&d.to_le_bytes());
-    new[15..].copy_from_slice(&[0x0f, 0x1f, 0x80, 0, 0, 0, 0]);
-    Some(new)
+/// `rel32` for a jump whose displacement ends at `end` to reach `to`.
+fn rel32(end: usize, to: usize) -> Option<[u8; 4]> {
+    i32::try_from((to as i64).wrapping_sub(end as i64))
+        .ok()
+        .map(i32::to_le_bytes)
+}
+
+/// The countdown in glibc's code at `at`: `sub %rbx,%fs:off` (the size in
+/// `rbx`, charged in place as the hooks do) and `jbe rel32` to `stub` (the
+/// sample point reached, or a size of 2^63 or more), 15 bytes.
+fn countdown_at(at: usize, off: i32, stub: usize) -> Option<Vec<u8>> {
+    let mut b = vec![0x64, 0x48, 0x29, 0x1c, 0x25];
+    b.extend_from_slice(&off.to_le_bytes());
+    b.extend_from_slice(&[0x0f, 0x86]);
+    b.extend_from_slice(&rel32(at + 15, stub)?);
+    Some(b)
+}
+
+/// A multi-byte `nop` of 2 to 9 bytes (the forms the manuals recommend);
+/// longer gaps take several.
+fn nops(mut len: usize) -> Vec<u8> {
+    const NOPS: [&[u8]; 8] = [
+        &[0x66, 0x90],
+        &[0x0f, 0x1f, 0x00],
+        &[0x0f, 0x1f, 0x40, 0x00],
+        &[0x0f, 0x1f, 0x44, 0x00, 0x00],
+        &[0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00],
+        &[0x0f, 0x1f, 0x80, 0x00, 0x00, 0x00, 0x00],
+        &[0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00],
+        &[0x66, 0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00],
+    ];
+    let mut out = Vec::new();
+    while len > 0 {
+        let n = if len == 1 { 1 } else { len.min(9) };
+        // Never leave a single byte: 10 is 5 and 5, not 9 and 1.
+        let n = if len - n == 1 { n - 1 } else { n };
+        if n == 1 {
+            out.push(0x90);
+        } else {
+            out.extend_from_slice(NOPS[n - 2]);
+        }
+        len -= n;
+    }
+    out
+}
+
+/// One of glibc's allocators, rewritten to charge the countdown itself.
+struct Rewrite {
+    name: &'static core::ffi::CStr,
+    /// Our hook for it, and the pointer it and the tracer call through.
+    hook: usize,
+    real: &'static AtomicPtr<()>,
+    /// Its first bytes, and where the checks to replace start in them
+    /// (they run to the pattern's end).
+    pattern: &'static str,
+    checks: usize,
+    /// Where in the pattern a `rel32` gives the failure path's address, and
+    /// where another that must give the same one is, if any.
+    fail_rel: usize,
+    same_fail: Option<usize>,
+    /// What replaces the checks, from their address, the countdown's
+    /// offset and the failure path.
+    new: fn(usize, i32, usize) -> Option<Vec<u8>>,
+    /// Our copy of the prologue and checks, and where it goes on.
+    unsampled: usize,
+    go_on: &'static AtomicUsize,
+    fail: &'static AtomicUsize,
+}
+
+impl Rewrite {
+    /// Rewrites the function as above; its entry if done.
+    fn apply(&self) -> Option<usize> {
+        // SAFETY: dlsym with a NUL-terminated name.
+        let bound = unsafe { libc::dlsym(libc::RTLD_DEFAULT, self.name.as_ptr()) } as usize;
+        if bound != self.hook {
+            return None;
+        }
+        let entry = self.real.load(Acquire) as usize;
+        let len = pattern_len(self.pattern);
+        let (_, hi) = exec_segment(entry)?;
+        if entry + len > hi {
+            return None;
+        }
+        // SAFETY: inside the executable segment, checked just above.
+        let code = unsafe { core::slice::from_raw_parts(entry as *const u8, len) };
+        if !matches(code, self.pattern) {
+            return None;
+        }
+        let target = |r: usize| {
+            let rel = i32::from_le_bytes([code[r], code[r + 1], code[r + 2], code[r + 3]]);
+            (entry + r + 4).wrapping_add(rel as isize as usize)
+        };
+        let fail = target(self.fail_rel);
+        if self.same_fail.is_some_and(|r| target(r) != fail) {
+            return None;
+        }
+        let off = i32::try_from(countdown_offset()).ok()?;
+        let at = entry + self.checks;
+        let new = (self.new)(at, off, fail)?;
+        if new.len() != len - self.checks {
+            return None;
+        }
+        // The check of `__malloc_initialized` goes: glibc's first malloc
+        // sets it, and nothing clears it.
+        // SAFETY: a real allocation, freed at once.
+        unsafe { real::free(real::malloc(1)) };
+        self.go_on.store(entry + len, Release);
+        self.fail.store(fail, Release);
+        // The hook and the tracer call past the countdown from now on.
+        self.real.store(self.unsampled as *mut (), Release);
+        // SAFETY: one thread (the caller's check); nothing runs the
+        // function while it changes.
+        if !unsafe { crate::patch::write_code(&[(at, &new)]) } {
+            self.real.store(entry as *mut (), Release);
+            return None;
+        }
+        rebind(self.name.to_bytes(), self.hook, entry);
+        Some(entry)
+    }
 }
 
 /// glibc's malloc charges the countdown itself, and the program calls it
@@ -278,54 +444,63 @@ fn malloc_checks(at: usize, off: i32, stub: usize) -> Option<[u8; MALLOC_CHECKS_
 /// documentation); true if done. The caller checks the mode, the allocator
 /// and the thread count.
 pub fn malloc() -> bool {
-    let hook = api::malloc as *const () as usize;
-    // SAFETY: dlsym with a NUL-terminated name.
-    let bound = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"malloc".as_ptr()) } as usize;
-    if bound != hook {
-        return false;
-    }
-    let entry = real::MALLOC.load(Acquire) as usize;
-    let len = pattern_len(MALLOC_START);
-    let Some((_, hi)) = exec_segment(entry) else {
+    let rewrite = Rewrite {
+        name: c"malloc",
+        hook: api::malloc as *const () as usize,
+        real: &real::MALLOC,
+        pattern: MALLOC_START,
+        checks: 11,
+        fail_rel: 29,
+        same_fail: None,
+        // The countdown and a 7-byte nop, for glibc's 22 bytes.
+        new: |at, off, _| {
+            let mut b = countdown_at(at, off, malloc_sample as *const () as usize)?;
+            b.extend(nops(7));
+            Some(b)
+        },
+        unsampled: malloc_unsampled as *const () as usize,
+        go_on: &MALLOC_GO_ON,
+        fail: &MALLOC_FAIL,
+    };
+    let Some(entry) = rewrite.apply() else {
         return false;
     };
-    if entry + len > hi {
-        return false;
-    }
-    // SAFETY: inside the executable segment, checked just above.
-    let code = unsafe { core::slice::from_raw_parts(entry as *const u8, len) };
-    if !matches(code, MALLOC_START) {
-        return false;
-    }
-    let fail =
-        (entry + len).wrapping_add(
-            i32::from_le_bytes([code[29], code[30], code[31], code[32]]) as isize as usize
-        );
-    let Ok(off) = i32::try_from(countdown_offset()) else {
-        return false;
-    };
-    let checks = entry + MALLOC_CHECKS;
-    let Some(new) = malloc_checks(checks, off, malloc_sample as *const () as usize) else {
-        return false;
-    };
-    // The check of `__malloc_initialized` goes: glibc's first malloc sets
-    // it, and nothing clears it.
-    // SAFETY: a real allocation, freed at once.
-    unsafe { real::free(real::malloc(1)) };
-    MALLOC_GO_ON.store(entry + len, Release);
-    MALLOC_FAIL.store(fail, Release);
-    // The hook and the tracer call past the countdown from now on.
-    real::MALLOC.store(malloc_unsampled as *mut (), Release);
-    // SAFETY: one thread (the caller's check); nothing runs glibc's malloc
-    // while it changes.
-    if !unsafe { crate::patch::write_code(&[(checks, &new)]) } {
-        real::MALLOC.store(entry as *mut (), Release);
-        return false;
-    }
     MALLOC_CHARGED.store(entry, Release);
     api::RELAY_ALIGN.store(MALLOC_RELAY, Release);
-    rebind(b"malloc", hook, entry);
     true
+}
+
+/// The same for glibc's calloc, whose checks of the product become `mov
+/// %rax,%rbx; jo <fail>` (an overflow) and the countdown (which sends 2^63
+/// or more to the hook's slow path, and on to glibc's checks).
+pub fn calloc() -> bool {
+    Rewrite {
+        name: c"calloc",
+        hook: api::calloc as *const () as usize,
+        real: &real::CALLOC,
+        pattern: CALLOC_START,
+        checks: 16,
+        fail_rel: 27,
+        same_fail: Some(39),
+        // mov %rax,%rbx (3), jo (6), the countdown (15), 16 bytes of nops,
+        // for glibc's 40.
+        new: |at, off, fail| {
+            let mut b = vec![0x48, 0x89, 0xc3, 0x0f, 0x80];
+            b.extend_from_slice(&rel32(at + 9, fail)?);
+            b.extend(countdown_at(
+                at + 9,
+                off,
+                calloc_sample as *const () as usize,
+            )?);
+            b.extend(nops(16));
+            Some(b)
+        },
+        unsampled: calloc_unsampled as *const () as usize,
+        go_on: &CALLOC_GO_ON,
+        fail: &CALLOC_FAIL,
+    }
+    .apply()
+    .is_some()
 }
 
 /// glibc's `memalign` (and `aligned_alloc`, the same function in 2.36) and
@@ -598,6 +773,51 @@ mod tests {
                 "past the end"
             );
         }
+    }
+
+    #[test]
+    fn nops_fill_a_gap_exactly_without_single_bytes() {
+        for len in 1..40 {
+            let b = nops(len);
+            assert_eq!(b.len(), len);
+            // Walk the instructions: each starts with 66 or 0f (or is the
+            // lone 90 of a 1-byte gap).
+            let mut i = 0;
+            while i < b.len() {
+                let n = match b[i..] {
+                    [0x90] => 1,
+                    [0x66, 0x90, ..] => 2,
+                    [0x0f, 0x1f, 0x00, ..] => 3,
+                    [0x0f, 0x1f, 0x40, ..] => 4,
+                    [0x0f, 0x1f, 0x44, ..] => 5,
+                    [0x66, 0x0f, 0x1f, 0x44, ..] => 6,
+                    [0x0f, 0x1f, 0x80, ..] => 7,
+                    [0x0f, 0x1f, 0x84, ..] => 8,
+                    [0x66, 0x0f, 0x1f, 0x84, ..] => 9,
+                    _ => panic!("{len}: not a nop at {i}: {b:02x?}"),
+                };
+                assert!(n > 1 || len == 1, "{len}: a 1-byte nop: {b:02x?}");
+                i += n;
+            }
+            assert_eq!(i, len);
+        }
+        assert_eq!(nops(7), [0x0f, 0x1f, 0x80, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn the_countdown_is_a_sub_from_fs_and_a_jbe_to_the_stub() {
+        let at = 0x1000;
+        let b = countdown_at(at, -0x1c0, 0x2000).unwrap();
+        assert_eq!(
+            b[..9],
+            [0x64, 0x48, 0x29, 0x1c, 0x25, 0x40, 0xfe, 0xff, 0xff]
+        );
+        assert_eq!(b[9..11], [0x0f, 0x86]);
+        let rel = i32::from_le_bytes([b[11], b[12], b[13], b[14]]);
+        assert_eq!(at as i64 + 15 + rel as i64, 0x2000);
+        assert_eq!(countdown_at(0, 0, 1 << 40), None, "out of reach");
+        assert_eq!(pattern_len(MALLOC_START), 33);
+        assert_eq!(pattern_len(CALLOC_START), 56);
     }
 
     #[test]

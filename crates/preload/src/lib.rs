@@ -77,6 +77,7 @@ extern "C" fn init() {
         if cfg.detour && !cfg.exact() && real::next_is_glibc() && patch::single_threaded() {
             detour::free();
             detour::malloc();
+            detour::calloc();
         }
         patch::apply();
         if !stacks::init() || (!cfg.exact() && !sampled::init()) {
