@@ -47,7 +47,9 @@ static int zeroed(const unsigned char *p, size_t n) {
 /* 1 MiB blocks (always recorded at the default rate) through the ways to
  * malloc that do not go through the program's PLT slot for malloc: a
  * pointer from dlsym (the tracer's hook), realloc of NULL, and the aligned
- * allocators with an alignment glibc hands to its malloc. */
+ * allocators with an alignment glibc hands to its malloc; and memalign
+ * with alignments glibc takes though they are not powers of two (0 and 24:
+ * malloc's 16, and 32). */
 NOINLINE void leak_other_ways(void) {
     void *(*volatile get)(size_t) = (void *(*)(size_t))dlsym(RTLD_DEFAULT, "malloc");
     void *p = get(1 << 20);
@@ -56,8 +58,11 @@ NOINLINE void leak_other_ways(void) {
     void *s = aligned_alloc(16, 1 << 20);
     void *t = NULL;
     if (posix_memalign(&t, 8, 1 << 20) != 0) abort();
-    if (!p || !q || !r || !s || !t) abort();
-    keep(p), keep(q), keep(r), keep(s), keep(t);
+    size_t volatile zero = 0, odd = 24;
+    void *u = memalign(zero, 1 << 20);
+    void *v = memalign(odd, 1 << 20);
+    if (!p || !q || !r || !s || !t || !u || !v || (uintptr_t)v % 32) abort();
+    keep(p), keep(q), keep(r), keep(s), keep(t), keep(u), keep(v);
 }
 
 /* calloc through the PLT, 1 MiB twice, each zeroed; dirtied so that
